@@ -1,0 +1,144 @@
+"""Data stage: a real corpus in, packed uint32 training shards plus a tokenizer out.
+
+    read (quarantining) -> normalise -> quality filters -> exact dedup -> MinHash near-dedup
+    -> byte-level BPE -> tokenize (train / val by document) -> pack with PSM FIM -> manifest
+
+Every step but BPE training and packing is a datatrove pipeline run by the executor named in the config
+(local, Slurm or Ray). Run it on its own with
+
+    python -m v3flow.stages.data configs/tiny.yaml OUT_DIR
+
+Layout of the output folder:
+    quarantine/        bad input records with file, line and reason
+    filtered/          documents rejected by the quality filters (metadata.filter_reason)
+    removed_exact/     exact duplicates;  removed_near/  MinHash near duplicates (with cluster ids)
+    tokenizer/         tokenizer.json + tokenizer_config.json (HF format)
+    packed/            train_NNNNN.npy, val_NNNNN.npy ([sequences, seq_len] uint32) and manifest.json
+    datatrove/         datatrove logs, stats and completions (resume state)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from v3flow.config import DataConfig
+from v3flow.stage import StageResult
+from v3flow.stages.data import bpe, packing, readers, report, steps
+from v3flow.stages.data.quality import Normalizer, QualityFilter
+
+STAGE = "data"
+
+
+def fingerprint(cfg: DataConfig, resolve) -> str:
+    """Fingerprint of the input files: part of the stage's cache key, so changed sources rerun the stage."""
+    parts = []
+    for src in cfg.sources:
+        root = readers.source_root(src, resolve)
+        files = [] if src.kind == "hf_dataset" else readers.list_source_files(src, root)
+        if src.kind == "hf_dataset":
+            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        parts.append(readers.fingerprint(root, files))
+    return "-".join(parts)
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        print(f"[data] {name} ...", flush=True)
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        print(f"[data] {name} done in {self.seconds[name]:.1f}s", flush=True)
+
+
+def run(cfg: DataConfig, out_dir: Path, resolve=Path, key: str = "") -> StageResult:
+    """Run the data stage into `out_dir`; `resolve` turns config paths into absolute ones."""
+    out_dir = Path(out_dir)
+    logs, work = out_dir / "datatrove", out_dir / "work"
+    tasks, ex = cfg.executor.tasks, cfg.executor
+    timer, stats = _Timer(), {}
+
+    with timer("read_filter"):
+        pipeline = []
+        for src in cfg.sources:
+            root = readers.source_root(src, resolve)
+            paths_file = None
+            if src.kind != "hf_dataset":
+                paths_file = work / "paths" / f"{src.name}.txt"
+                paths_file.parent.mkdir(parents=True, exist_ok=True)
+                paths_file.write_text("\n".join(readers.list_source_files(src, root)) + "\n")
+            pipeline.append(readers.make_reader(src, root, paths_file, str(out_dir / "quarantine"),
+                                                cfg.filters.max_chars))
+        pipeline += [
+            Normalizer(cfg.normalize),
+            QualityFilter(cfg.filters, exclusion_writer=steps.jsonl_writer(out_dir / "filtered")),
+            steps.jsonl_writer(work / "clean"),
+        ]
+        stats["read_filter"] = steps.run_pipeline("read_filter", pipeline, tasks, ex, logs)
+    current = work / "clean"
+
+    if cfg.exact_dedup:
+        with timer("exact_dedup"):
+            for name, pipe, n in steps.exact_dedup_pipelines(current, work / "exact", work / "exact_kept",
+                                                             out_dir / "removed_exact"):
+                stats[name] = steps.run_pipeline(name, pipe, n or tasks, ex, logs)
+        current = work / "exact_kept"
+
+    if cfg.minhash.enabled:
+        with timer("minhash_dedup"):
+            for name, pipe, n in steps.minhash_pipelines(cfg.minhash, current, work / "minhash",
+                                                         work / "deduped", out_dir / "removed_near"):
+                stats[name] = steps.run_pipeline(name, pipe, n or tasks, ex, logs)
+        current = work / "deduped"
+
+    with timer("train_tokenizer"):
+        texts = (doc.text for doc in readers.read_documents(current))
+        tok = bpe.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
+                            cfg.tokenizer.max_training_chars)
+        tok_dir = out_dir / "tokenizer"
+        tok_sha = bpe.save_tokenizer(tok, tok_dir, cfg.packing.seq_len)
+        ids = bpe.special_ids(tok)
+
+    token_dirs = {split: work / "tokens" / split for split in ("train", "val")}
+    with timer("tokenize"):
+        for split, folder in token_dirs.items():
+            pipe = steps.tokenize_pipeline(current, split, folder, tok_dir / "tokenizer.json", bpe.EOS,
+                                           cfg.packing.val_fraction, cfg.packing.seed)
+            stats[f"tokenize_{split}"] = steps.run_pipeline(f"tokenize_{split}", pipe, tasks, ex, logs)
+
+    with timer("pack"):
+        fim = packing.FimTokens(ids["fim_begin"], ids["fim_hole"], ids["fim_end"], ids["eos"])
+        token_size = 4 if tok.get_vocab_size() > 65536 else 2
+        packed = out_dir / "packed"
+        split_stats = {}
+        for i, (split, folder) in enumerate(token_dirs.items()):
+            packer = packing.Packer(packed, split, cfg.packing.seq_len, cfg.packing.sequences_per_shard, ids["pad"])
+            split_stats[split] = packing.pack_split(sorted(folder.glob("*.ds")), token_size, packer, fim,
+                                                    cfg.packing.fim_rate, cfg.packing.seed + i)
+        entropy = packing.unigram_entropy([packed / s["path"] for s in split_stats["train"].shards],
+                                          tok.get_vocab_size(), ids["pad"])
+        manifest = report.write_manifest(packed, cfg, split_stats, tok_sha, tok.get_vocab_size(), ids, entropy)
+
+    metrics = report.metrics(stats, split_stats, timer.seconds, entropy, cfg)
+    clusters = report.largest_clusters(out_dir / "removed_near", current, top=10)
+    (out_dir / "report").mkdir(exist_ok=True)
+    (out_dir / "report" / "clusters.json").write_text(json.dumps(clusters, indent=2, ensure_ascii=False))
+    (out_dir / "report" / "step_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    result = StageResult(
+        stage=STAGE, key=key, out_dir=str(out_dir),
+        outputs={"packed": str(packed), "manifest": str(packed / "manifest.json"), "tokenizer": str(tok_dir),
+                 "quarantine": str(out_dir / "quarantine")},
+        metrics=metrics,
+        params={"tokenizer_sha256": tok_sha, "manifest_sha256": manifest["sha256"]},
+        artifacts=[str(packed / "manifest.json"), str(tok_dir / "tokenizer.json"),
+                   str(tok_dir / "tokenizer_config.json"), str(out_dir / "report" / "clusters.json"),
+                   str(out_dir / "report" / "step_stats.json")],
+    )
+    result.report_md = report.markdown(metrics, clusters, manifest)
+    return result

@@ -1,0 +1,10 @@
+"""`python -m v3flow.stages.data CONFIG OUT_DIR [key=value ...]`: the data stage alone, without Prefect."""
+
+import sys
+from pathlib import Path
+
+from v3flow.config import load_config
+from v3flow.stages.data import run
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+print(run(cfg.data, Path(sys.argv[2]), cfg.resolve).report_md)

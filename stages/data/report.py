@@ -1,0 +1,134 @@
+"""The data stage's numbers: per-step document counts, duplicates, tokens, packing, timing, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from v3flow.config import DataConfig
+from v3flow.stages.data.packing import PackStats
+from v3flow.stages.data.readers import read_documents
+
+
+def _step(stats: list[dict], kind: str) -> dict:
+    """Totals of the first step whose name contains `kind` (datatrove names steps 'TYPE: name')."""
+    return next((s for s in stats if kind in s["_name"]), {})
+
+
+def metrics(stats: dict[str, list[dict]], splits: dict[str, PackStats], seconds: dict[str, float],
+            entropy: float, cfg: DataConfig) -> dict[str, float]:
+    m: dict[str, float] = {}
+    read = stats["read_filter"]
+    readers = [s for s in read if "READER" in s["_name"]]
+    m["docs_read"] = sum(s.get("documents", 0) for s in readers)
+    m["input_bytes"] = sum(s.get("doc_len", 0) for s in readers)  # characters of accepted text
+    for s in readers:
+        for k, v in s.items():
+            if k.startswith("quarantined_"):
+                m[k] = m.get(k, 0) + v
+    m["quarantined"] = sum(v for k, v in m.items() if k.startswith("quarantined_"))
+    quality = _step(read, "quality")
+    m["filtered"] = quality.get("dropped", 0)
+    for k, v in quality.items():
+        if k.startswith("dropped_"):
+            m[f"filtered_{k.removeprefix('dropped_')}"] = v
+    m["docs_after_filters"] = quality.get("forwarded", 0)
+    if "exact_3_filter" in stats:
+        f = _step(stats["exact_3_filter"], "exact-deduplication")
+        m["exact_duplicates_removed"] = f.get("dropped", 0)
+        m["docs_after_exact_dedup"] = f.get("forwarded", 0)
+    if "minhash_4_filter" in stats:
+        f = _step(stats["minhash_4_filter"], "MinHash")
+        m["near_duplicates_removed"] = f.get("dropped", 0)
+        m["docs_after_near_dedup"] = f.get("forwarded", 0)
+        m["minhash_threshold"] = cfg.minhash.threshold
+    for split, s in splits.items():
+        m[f"{split}_documents"] = s.documents
+        m[f"{split}_fim_documents"] = s.fim_documents
+        m[f"{split}_tokens"] = s.tokens
+        m[f"{split}_sequences"] = s.sequences
+        m[f"{split}_pad_tokens"] = s.pad_tokens
+    total_tokens = sum(s.tokens for s in splits.values())
+    m["tokens"] = total_tokens
+    m["packing_efficiency"] = total_tokens / max(1, total_tokens + sum(s.pad_tokens for s in splits.values()))
+    m["train_unigram_entropy_nats"] = entropy
+    for name, sec in seconds.items():
+        m[f"time_{name}_s"] = sec
+    m["time_total_s"] = sum(seconds.values())
+    m["throughput_mb_s"] = m["input_bytes"] / 1e6 / max(m["time_total_s"], 1e-9)
+    return m
+
+
+def write_manifest(folder: Path, cfg: DataConfig, splits: dict[str, PackStats], tok_sha: str, vocab_size: int,
+                   special: dict[str, int], entropy: float) -> dict:
+    """manifest.json of the packed shards; its own sha256 (of the body) is the data lineage id."""
+    body = {
+        "format": "npy-uint32",
+        "seq_len": cfg.packing.seq_len,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": tok_sha,
+        "special_tokens": special,
+        "fim_rate": cfg.packing.fim_rate,
+        "train_unigram_entropy_nats": entropy,
+        "splits": {
+            split: {"documents": s.documents, "fim_documents": s.fim_documents, "tokens": s.tokens,
+                    "pad_tokens": s.pad_tokens, "sequences": s.sequences, "shards": s.shards}
+            for split, s in splits.items()
+        },
+    }
+    body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.rename(folder / "manifest.json")
+    return body
+
+
+def largest_clusters(removed_near: Path, kept: Path, top: int = 10) -> list[dict]:
+    """The largest MinHash duplicate clusters: size, the kept document and examples of removed ones."""
+    removed = defaultdict(list)
+    for doc in read_documents(removed_near):
+        removed[doc.metadata.get("minhash_cluster_id", -1)].append(doc)
+    if not removed:
+        return []
+    keepers = {}
+    for doc in read_documents(kept):
+        cid = doc.metadata.get("minhash_cluster_id", -1)
+        if cid in removed:
+            keepers[cid] = doc
+    out = []
+    for cid, docs in sorted(removed.items(), key=lambda kv: -len(kv[1]))[:top]:
+        keeper = keepers.get(cid)
+        out.append({
+            "cluster_id": cid,
+            "size": len(docs) + (keeper is not None),
+            "kept": keeper.id if keeper else None,
+            "kept_snippet": keeper.text[:160] if keeper else None,
+            "removed_examples": [d.id for d in docs[:5]],
+        })
+    return out
+
+
+def markdown(m: dict[str, float], clusters: list[dict], manifest: dict) -> str:
+    """The stage's Prefect artifact: a table of the key numbers and the largest duplicate clusters."""
+    rows = [
+        ("documents read", m["docs_read"]), ("quarantined (bad input)", m["quarantined"]),
+        ("rejected by quality filters", m["filtered"]), ("after filters", m["docs_after_filters"]),
+        ("exact duplicates removed", m.get("exact_duplicates_removed", "off")),
+        ("near duplicates removed", m.get("near_duplicates_removed", "off")),
+        ("train / val documents", f"{m['train_documents']:.0f} / {m['val_documents']:.0f}"),
+        ("train / val tokens", f"{m['train_tokens']:,.0f} / {m['val_tokens']:,.0f}"),
+        ("packing efficiency", f"{m['packing_efficiency']:.4%}"),
+        ("unigram entropy (train)", f"{m['train_unigram_entropy_nats']:.3f} nats"),
+        ("throughput", f"{m['throughput_mb_s']:.2f} MB/s over {m['time_total_s']:.1f} s"),
+    ]
+    lines = ["## Data stage", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v:,.0f} |" if isinstance(v, float | int) else f"| {k} | {v} |" for k, v in rows]
+    lines += ["", f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{manifest['tokenizer_sha256'][:16]}`, "
+              f"vocab {manifest['vocab_size']}, seq_len {manifest['seq_len']}."]
+    if clusters:
+        lines += ["", "### Largest near-duplicate clusters", "", "| size | kept | removed (examples) |", "|---|---|---|"]
+        lines += [f"| {c['size']} | `{c['kept']}` | {', '.join(f'`{r}`' for r in c['removed_examples'][:3])} |"
+                  for c in clusters]
+    return "\n".join(lines)
