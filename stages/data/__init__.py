@@ -57,8 +57,8 @@ class _Timer:
         print(f"[data] {name} done in {self.seconds[name]:.1f}s", flush=True)
 
 
-def run(cfg: DataConfig, out_dir: Path, resolve=Path, key: str = "") -> StageResult:
-    """Run the data stage into `out_dir`; `resolve` turns config paths into absolute ones."""
+def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path) -> StageResult:
+    """Run the data stage into `out_dir` (it has no upstream `inputs`); `resolve` makes config paths absolute."""
     out_dir = Path(out_dir)
     logs, work = out_dir / "datatrove", out_dir / "work"
     tasks, ex = cfg.executor.tasks, cfg.executor
@@ -131,7 +131,7 @@ def run(cfg: DataConfig, out_dir: Path, resolve=Path, key: str = "") -> StageRes
     (out_dir / "report" / "clusters.json").write_text(json.dumps(clusters, indent=2, ensure_ascii=False))
     (out_dir / "report" / "step_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
     result = StageResult(
-        stage=STAGE, key=key, out_dir=str(out_dir),
+        stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
         outputs={"packed": str(packed), "manifest": str(packed / "manifest.json"), "tokenizer": str(tok_dir),
                  "quarantine": str(out_dir / "quarantine")},
         metrics=metrics,

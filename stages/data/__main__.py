@@ -7,4 +7,4 @@ from v3flow.config import load_config
 from v3flow.stages.data import run
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
-print(run(cfg.data, Path(sys.argv[2]), cfg.resolve).report_md)
+print(run(cfg.data, Path(sys.argv[2]), resolve=cfg.resolve).report_md)

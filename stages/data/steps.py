@@ -39,8 +39,10 @@ def run_pipeline(name: str, pipeline: list, tasks: int, ex: ExecutorSettings, lo
     logging_dir = logs / name
     if ex.kind == "local":
         LocalPipelineExecutor(
+            # forkserver (datatrove's default), not fork: a forked child would inherit the Prefect task
+            # thread's signal handlers and locks and can hang when the pool shuts down.
             pipeline, tasks=tasks, workers=min(ex.workers, tasks), logging_dir=str(logging_dir),
-            start_method="fork",
+            start_method="forkserver",
         ).run()
     elif ex.kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor

@@ -1,0 +1,132 @@
+"""The `pipeline` flow and one flow per stage, all taking the same request form.
+
+The stage list below is the pipeline: adding a stage is a module under stages/ plus one `StageSpec`
+line here (and its three-line flow at the bottom, so it can be deployed on its own).
+
+A request names a config file, overrides and stages. Chosen stages run with the upstream stages they
+need: those are reused from the cache when unchanged and run otherwise. Run from Python with
+`pipeline(RunRequest(config="configs/tiny.yaml"))` or, as users do, `v3flow run configs/tiny.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from v3flow import tracking
+from v3flow.config import load_config, section_hash
+from v3flow.errors import ConfigError
+from v3flow.flows.runner import StageSpec, run_stage
+from v3flow.stage import StageResult
+from v3flow.stages import data as data_stage
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in [
+        StageSpec("data", data_stage, lambda cfg: cfg.data),
+    ]
+}
+
+
+class RunRequest(BaseModel):
+    """What to run: a config, overrides, and optionally a subset of stages."""
+
+    config: str = Field("configs/tiny.yaml", description="Pipeline config YAML, relative to the project folder.")
+    overrides: list[str] = Field(default_factory=list, description="key=value, e.g. data.minhash.bands=20")
+    stages: list[str] = Field(default_factory=list, description=f"Stages to run; empty runs all: {list(STAGES)}")
+    force: list[str] = Field(default_factory=list, description="Stages to rerun even when their outputs are cached.")
+
+
+def plan(stages: list[str]) -> list[str]:
+    """Chosen stages plus their upstream stages, in pipeline order."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; the pipeline has {list(STAGES)}")
+    wanted: set[str] = set()
+
+    def need(name: str) -> None:
+        wanted.add(name)
+        for up in STAGES[name].upstream:
+            need(up)
+
+    for name in stages or list(STAGES):
+        need(name)
+    return [name for name in STAGES if name in wanted]
+
+
+def execute(request: RunRequest) -> dict[str, dict]:
+    """Validate, then run the planned stages under one MLflow parent run; returns each stage's metrics."""
+    cfg = load_config(_config_path(request.config), request.overrides)
+    order = plan(request.stages)
+    force = set(request.force)
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "git.commit": tracking.git_commit(Path(cfg.project_root or ".")),
+        "v3flow.config_hash": section_hash(cfg),
+        "v3flow.config": cfg.name,
+        "v3flow.stages": ",".join(order),
+    }
+    parent = tracking.start_run(uri, cfg.tracking.experiment, f"pipeline-{cfg.name}", tags,
+                                tracking.flatten(cfg.model_dump(mode="json")))
+    tracking.log_text(uri, parent, cfg.model_dump_json(indent=2), "config.json")
+    results: dict[str, StageResult] = {}
+    cached: set[str] = set()
+    try:
+        for name in order:
+            spec = STAGES[name]
+            inputs = {up: results[up] for up in spec.upstream}
+            state = run_stage(spec, cfg, inputs, name in force, parent, uri, return_state=True)
+            results[name] = state.result()
+            if state.name == "Cached":
+                cached.add(name)
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    tracking.set_tags(uri, parent, {f"v3flow.{n}.key": r.key for n, r in results.items()})
+    tracking.end_run(uri, parent)
+    return {name: {"key": r.key, "out_dir": r.out_dir, "cached": name in cached,
+                   "mlflow_run_id": r.mlflow_run_id, "metrics": r.metrics} for name, r in results.items()}
+
+
+def _config_path(path: str) -> str:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    home = os.environ.get("V3FLOW_PROJECT")  # the project folder, for deployments served from elsewhere
+    return str(Path(home) / p) if home else str(p)
+
+
+def _run_name() -> str:
+    request = flow_run.parameters.get("request") or {}
+    config = request.get("config") if isinstance(request, dict) else getattr(request, "config", "")
+    return f"{flow_run.flow_name}-{Path(str(config)).stem or 'default'}"
+
+
+@flow(name="pipeline", log_prints=True, flow_run_name=_run_name)
+def pipeline(request: RunRequest = RunRequest()) -> dict[str, dict]:
+    """The whole DeepSeek-V3 recipe, or the chosen stages and what they need."""
+    return execute(request)
+
+
+class StageRequest(BaseModel):
+    """Run one stage (upstream stages are reused from the cache, or run when missing)."""
+
+    config: str = Field("configs/tiny.yaml", description="Pipeline config YAML, relative to the project folder.")
+    overrides: list[str] = Field(default_factory=list, description="key=value, e.g. data.minhash.bands=20")
+    force: bool = Field(False, description="Rerun the stage even when its outputs are cached.")
+
+
+def _stage(name: str, request: StageRequest) -> dict[str, dict]:
+    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=[name],
+                              force=[name] if request.force else []))
+
+
+@flow(name="data", log_prints=True, flow_run_name=_run_name)
+def data(request: StageRequest = StageRequest()) -> dict[str, dict]:
+    """Data preparation: dedup, tokenizer, packed training sequences."""
+    return _stage("data", request)

@@ -1,0 +1,107 @@
+"""Runs one stage as a Prefect task: content-addressed caching, retries, MLflow child run, artifacts.
+
+Caching is Marin-style rather than Prefect's result cache: a stage's output folder is
+`<workdir>/<stage>/<key>`, where the key hashes the stage's config section, its upstream stages' keys and
+a fingerprint of its input files. A folder holding `result.json` is a finished stage, so the cache
+survives restarts of the Prefect server and disappears with the files it describes. Prefect still shows
+a reused stage as `Cached`, with a link to the MLflow run that produced it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.logging import get_run_logger
+from prefect.states import Completed
+
+from v3flow import tracking
+from v3flow.config import PipelineConfig, Section, section_hash
+from v3flow.stage import StageResult
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), config section, upstream."""
+
+    name: str
+    module: object
+    section: Callable[[PipelineConfig], Section]
+    upstream: tuple[str, ...] = ()
+
+
+def stage_key(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult]) -> str:
+    extra = [f"{name}={inputs[name].key}" for name in spec.upstream]
+    fingerprint = getattr(spec.module, "fingerprint", None)
+    if fingerprint is not None:
+        extra.append(fingerprint(spec.section(cfg), cfg.resolve))
+    return section_hash(spec.section(cfg), *extra)
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (a full disk, a dropped connection), never a bad config or bad data."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError, BlockingIOError, InterruptedError):
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is not worth a retry
+        return False
+    return False
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, task_run_name="{spec.name}")
+def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
+              parent_run_id: str, uri: str):
+    log = get_run_logger()
+    key = stage_key(spec, cfg, inputs)
+    out_dir = cfg.workdir_path() / spec.name / key
+    cached = None if force else StageResult.load(out_dir)
+    section = spec.section(cfg)
+    params = {**tracking.flatten(section.model_dump(mode="json")), "stage_key": key,
+              **{f"upstream.{n}": inputs[n].key for n in spec.upstream}}
+    tags = {"v3flow.stage": spec.name, "v3flow.stage_key": key, "v3flow.cached": str(cached is not None)}
+
+    if cached is not None:
+        log.info(f"{spec.name}: inputs unchanged (key {key}), reusing {out_dir}")
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, spec.name,
+                                    {**tags, "v3flow.source_run_id": cached.mlflow_run_id or ""}, params,
+                                    parent_run_id)
+        tracking.log_metrics(uri, run_id, cached.metrics)
+        tracking.end_run(uri, run_id)
+        _artifacts(spec.name, cached, uri, cached.mlflow_run_id or run_id, note="reused from cache")
+        return Completed(name="Cached", message=f"reused {out_dir}", data=cached)
+
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, spec.name, tags, params, parent_run_id)
+    log.info(f"{spec.name}: running into {out_dir} (MLflow run {run_id})")
+    try:
+        with tracking.run_env(run_id, uri):
+            result = spec.module.run(section, out_dir, inputs=inputs, resolve=cfg.resolve)
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    result.key, result.mlflow_run_id = key, run_id
+    tracking.log_params(uri, run_id, result.params)
+    tracking.log_metrics(uri, run_id, result.metrics)
+    tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)
+    tracking.log_text(uri, run_id, result.report_md, f"{spec.name}/report.md")
+    tracking.end_run(uri, run_id)
+    result.save()
+    _artifacts(spec.name, result, uri, run_id)
+    return Completed(data=result)
+
+
+def _artifacts(stage: str, result: StageResult, uri: str, run_id: str, note: str = "") -> None:
+    link = tracking.run_url(uri, run_id)
+    header = f"*{note}: `{result.out_dir}`*\n\n" if note else ""
+    create_markdown_artifact(
+        markdown=f"{header}{result.report_md}\n\n[MLflow run]({link})", key=f"{stage}-report",
+        description=f"{stage} stage: key numbers",
+    )
+    create_link_artifact(link=link, link_text=f"MLflow: {stage} run", key=f"{stage}-mlflow")

@@ -1,0 +1,127 @@
+"""`v3flow`: the one entry point.
+
+    v3flow run CONFIG [--stages data,pretrain] [--set key=value ...] [--force STAGE,...]
+    v3flow validate CONFIG [--set key=value ...]
+    v3flow serve            serve the deployments (start runs from the Prefect UI)
+    v3flow up | down | status   the local Prefect and MLflow servers
+
+`run` validates the config before anything starts, then uses PREFECT_API_URL / MLFLOW_TRACKING_URI when
+set, the local servers when they are up, and starts them otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from v3flow.errors import V3flowError
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="v3flow", description="The DeepSeek-V3 recipe as a Prefect + MLflow pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (or chosen stages) as a Prefect flow run")
+    validate = sub.add_parser("validate", help="only validate a config")
+    for sp in (run, validate):
+        sp.add_argument("config", help="pipeline config YAML, e.g. configs/tiny.yaml")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set data.minhash.bands=20")
+    run.add_argument("--stages", type=_csv, default=[], help="comma-separated stages (default: all)")
+    run.add_argument("--force", type=_csv, default=[], help="comma-separated stages to rerun even if cached")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.add_parser("serve", help="serve the deployments to the Prefect server")
+    sub.add_parser("up", help="start the local Prefect and MLflow servers")
+    sub.add_parser("down", help="stop the local servers")
+    sub.add_parser("status", help="show the local servers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except V3flowError as err:
+        print(f"v3flow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_validate(args) -> int:
+    from v3flow.config import load_config, section_hash
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{args.config}: valid (config '{cfg.name}', hash {section_hash(cfg)}, data hash {section_hash(cfg.data)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from v3flow import servers
+    from v3flow.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # reject a bad config before starting anything
+    urls = servers.ensure_for_run(cfg.tracking.tracking_uri)
+    os.environ.setdefault("V3FLOW_PROJECT", cfg.project_root or str(Path.cwd()))
+    from v3flow.flows.pipeline import RunRequest, pipeline, plan
+
+    plan(args.stages)  # unknown stage names are an error before the flow run starts
+    request = RunRequest(config=str(Path(args.config).resolve()), overrides=args.overrides,
+                         stages=args.stages, force=args.force)
+    result = pipeline(request)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result.items():
+            how = "reused (cached)" if r["cached"] else "ran"
+            print(f"  {name:10s} {how:16s} key {r['key']}  -> {r['out_dir']}")
+    print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}  (experiment '{cfg.tracking.experiment}')")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from v3flow import servers
+
+    servers.ensure_for_run()
+    os.environ.setdefault("V3FLOW_PROJECT", str(Path.cwd()))
+    from v3flow.flows.serve import serve_deployments
+
+    serve_deployments()
+    return 0
+
+
+def cmd_up(args) -> int:
+    from v3flow import servers
+
+    urls = servers.up()
+    print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}\nstate: {servers.home()}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from v3flow import servers
+
+    stopped = servers.down()
+    print(f"stopped: {', '.join(stopped) or 'nothing (no servers started from ' + str(servers.home()) + ')'}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from v3flow import servers
+
+    for s in (servers.PREFECT, servers.MLFLOW):
+        print(f"{s.name:8s} {s.url:28s} {'up' if s.healthy() else 'down'}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "serve": cmd_serve, "up": cmd_up, "down": cmd_down,
+            "status": cmd_status}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""All of v3flow's MLflow calls: one parent run per pipeline run, one nested child run per stage.
+
+We use `MlflowClient` with explicit run ids rather than the fluent API: Prefect runs tasks in worker
+threads, and the fluent API's "active run" is thread-local global state (an `end_run` in a nested
+context has ended parents before: mlflow #13874). A stage that launches a subprocess (accelerate, trl)
+hands it its child run through `MLFLOW_RUN_ID`, which HF's MLflowCallback and accelerate's tracker attach to.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The tracking URI in effect: MLFLOW_TRACKING_URI, else the config's, else the local server's."""
+    from v3flow import servers
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or servers.local_mlflow_uri()
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def run_url(uri: str, run_id: str) -> str:
+    """Link to a run in the MLflow UI (HTTP tracking servers only; otherwise the run id)."""
+    if not uri.startswith("http"):
+        return f"mlflow run {run_id} at {uri}"
+    c = client(uri)
+    exp = c.get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'data': {'minhash': {'bands': 14}}} -> {'data.minhash.bands': '14'} (lists by index)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict | list) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix.rstrip("."): str(tree)[:MAX_PARAM_LEN]}
+    out: dict[str, str] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def start_run(uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+    """Create a RUNNING run (nested under `parent_run_id` when given); returns its id."""
+    c = client(uri)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(experiment_id(c, experiment), run_name=name, tags=all_tags)
+    log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k[:250], str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
+        client(uri).log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client(uri).log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[str], artifact_path: str | None = None) -> None:
+    c = client(uri)
+    for path in paths:
+        if Path(path).is_dir():
+            c.log_artifacts(run_id, path, artifact_path)
+        elif Path(path).is_file():
+            c.log_artifact(run_id, path, artifact_path)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    client(uri).log_text(run_id, text, name)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+@contextmanager
+def run_env(run_id: str, uri: str) -> Iterator[None]:
+    """Expose a run to subprocesses and library integrations through MLFLOW_RUN_ID / MLFLOW_TRACKING_URI."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+    os.environ.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=uri)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    c = client(uri)
+    parent = c.get_run(parent_run_id)
+    return c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
