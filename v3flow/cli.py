@@ -77,10 +77,10 @@ def cmd_run(args) -> int:
     result = pipeline(request)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        for name, r in result.items():
-            how = "reused (cached)" if r["cached"] else "ran"
-            print(f"  {name:10s} {how:16s} key {r['key']}  -> {r['out_dir']}")
+        return 0
+    for name, r in result.items():
+        how = "reused (cached)" if r["cached"] else "ran"
+        print(f"  {name:10s} {how:16s} key {r['key']}  -> {r['out_dir']}")
     print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}  (experiment '{cfg.tracking.experiment}')")
     return 0
 

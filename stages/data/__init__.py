@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from v3flow.config import DataConfig
+from v3flow.errors import DataError
 from v3flow.stage import StageResult
 from v3flow.stages.data import bpe, packing, readers, report, steps
 from v3flow.stages.data.quality import Normalizer, QualityFilter
@@ -82,6 +83,9 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
         ]
         stats["read_filter"] = steps.run_pipeline("read_filter", pipeline, tasks, ex, logs)
     current = work / "clean"
+    if not any(current.glob("*.jsonl.gz")):
+        raise DataError(f"no document passed the quality filters: see {out_dir / 'quarantine'} and "
+                        f"{out_dir / 'filtered'} for why (config keys data.filters.*)")
 
     if cfg.exact_dedup:
         with timer("exact_dedup"):

@@ -52,6 +52,8 @@ def apply_fim(doc: np.ndarray, fim: FimTokens, rng: np.random.Generator) -> np.n
 def read_ds_documents(ds_path: Path, token_size: int) -> Iterator[np.ndarray]:
     """Documents of one datatrove `.ds` file, using its `.ds.index` of document end offsets."""
     dtype = np.uint32 if token_size == 4 else np.uint16
+    if ds_path.stat().st_size == 0:  # a task whose share of the split was empty
+        return
     tokens = np.memmap(ds_path, dtype=dtype, mode="r")
     ends = np.fromfile(f"{ds_path}.index", dtype=np.uint64)
     start = 0

@@ -1,0 +1,39 @@
+"""Shared fixtures. End-to-end tests start real Prefect and MLflow servers with v3flow's own server code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ROOT / "configs" / "micro.yaml"
+TINY = ROOT / "configs" / "tiny.yaml"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """Real Prefect + MLflow servers on free loopback ports, state in a temporary V3FLOW_HOME."""
+    home = tmp_path_factory.mktemp("v3flow-home")
+    env = {**os.environ, "V3FLOW_HOME": str(home), "V3FLOW_PREFECT_PORT": str(free_port()),
+           "V3FLOW_MLFLOW_PORT": str(free_port())}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        env.pop(key, None)
+    v3flow = [sys.executable, "-m", "v3flow.cli"]
+    subprocess.run(v3flow + ["up"], env=env, check=True, cwd=ROOT, timeout=300)
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['V3FLOW_PREFECT_PORT']}/api"
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{env['V3FLOW_MLFLOW_PORT']}"
+    env["PREFECT_HOME"] = str(home / "prefect")
+    yield env
+    subprocess.run(v3flow + ["down"], env=env, cwd=ROOT, timeout=120)

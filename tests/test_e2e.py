@@ -1,0 +1,145 @@
+"""End to end: the CLI runs the data flow through a real Prefect server, into a real MLflow server.
+
+Checks the MLflow parent/child runs, params, metrics and artifacts, the Prefect flow run and its
+artifacts, the cross-run cache, a rerun on a changed config, and a run started from a deployment the
+way the Prefect UI starts one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import MICRO, ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def v3flow(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "v3flow.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_json(env, *args) -> dict:
+    out = v3flow(env, "run", str(MICRO), "--json", *args).stdout
+    return json.loads(out[out.index("\n{") if not out.startswith("{") else 0:])
+
+
+@pytest.fixture(scope="module")
+def first_run(servers, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("work")
+    return workdir, run_json(servers, "--set", f"workdir={workdir}")
+
+
+def api(env) -> httpx.Client:
+    return httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+
+
+def test_mlflow_has_parent_and_child_runs(servers, first_run):
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    child = client.get_run(result["data"]["mlflow_run_id"])
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert parent.data.tags["v3flow.config"] == "micro" and parent.data.tags["prefect.flow_run_id"]
+    assert len(parent.data.tags["git.commit"]) in (40, 7) or parent.data.tags["git.commit"] == "unknown"
+    assert parent.data.params["data.minhash.bands"] == "14"
+    assert child.data.params["minhash.bands"] == "14" and child.data.params["tokenizer_sha256"]
+    m = child.data.metrics
+    assert m["docs_read"] > 0 and m["near_duplicates_removed"] > 0 and m["tokens"] > 10_000
+    assert 0.99 < m["packing_efficiency"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "data")}
+    assert {"data/manifest.json", "data/tokenizer.json", "data/clusters.json"} <= artifacts
+
+
+def test_prefect_flow_run_and_artifacts(servers, first_run):
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    child = client.get_run(result["data"]["mlflow_run_id"])
+    flow_run_id = client.get_run(child.data.tags["mlflow.parentRunId"]).data.tags["prefect.flow_run_id"]
+    with api(servers) as c:
+        assert c.get(f"/flow_runs/{flow_run_id}").json()["state"]["type"] == "COMPLETED"
+        arts = c.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+    by_key = {a["key"]: a for a in arts}
+    assert "near duplicates removed" in by_key["data-report"]["data"]
+    assert by_key["data-mlflow"]["type"] == "markdown" or "http" in by_key["data-mlflow"]["data"]
+
+
+def test_unchanged_rerun_is_served_from_cache(servers, first_run):
+    workdir, first = first_run
+    started = time.monotonic()
+    again = run_json(servers, "--set", f"workdir={workdir}")
+    assert again["data"]["cached"] and again["data"]["key"] == first["data"]["key"]
+    assert again["data"]["metrics"] == first["data"]["metrics"]
+    assert time.monotonic() - started < 120  # generous: the point is that nothing was recomputed
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    cached_child = client.get_run(again["data"]["mlflow_run_id"] or first["data"]["mlflow_run_id"])
+    assert cached_child.info.status == "FINISHED"
+
+
+def test_changed_config_reruns_and_force_reruns(servers, first_run):
+    workdir, first = first_run
+    changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10")
+    assert not changed["data"]["cached"] and changed["data"]["key"] != first["data"]["key"]
+    forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")
+    assert not forced["data"]["cached"] and forced["data"]["key"] == first["data"]["key"]
+    assert forced["data"]["metrics"]["tokens"] == first["data"]["metrics"]["tokens"]
+
+
+def test_bad_config_fails_before_any_run(servers):
+    proc = subprocess.run([sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--set", "data.minhash.rowz=3"],
+                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.minhash.rowz: unknown key" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--stages", "pretrian"],
+                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown stage(s) ['pretrian']" in proc.stderr
+
+
+def test_deployment_run_from_the_api(servers, tmp_path):
+    """What the UI's 'Run' button does: create a flow run of a served deployment and watch it finish."""
+    serve = subprocess.Popen([sys.executable, "-m", "v3flow.cli", "serve"], env=servers, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with api(servers) as c:
+            deployment = _wait_for(lambda: _deployment(c, "data", "v3flow"), 180)
+            schedules = deployment["schedules"]
+            assert [s["active"] for s in schedules] == [False]  # the nightly refresh ships paused
+            params = {"request": {"config": str(MICRO), "overrides": [f"workdir={tmp_path}"], "force": False}}
+            run = c.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": params}).json()
+            state = _wait_for(lambda: _final_state(c, run["id"]), 420)
+        assert state == "COMPLETED"
+        assert list(tmp_path.glob("data/*/result.json"))
+    finally:
+        import os
+        import signal
+
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def _deployment(c: httpx.Client, flow: str, name: str) -> dict | None:
+    r = c.get(f"/deployments/name/{flow}/{name}")
+    return r.json() if r.status_code == 200 else None
+
+
+def _final_state(c: httpx.Client, flow_run_id: str) -> str | None:
+    state = c.get(f"/flow_runs/{flow_run_id}").json()["state"]["type"]
+    return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+
+def _wait_for(fn, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"gave up after {timeout_s}s")
