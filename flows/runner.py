@@ -72,7 +72,8 @@ def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResul
                                     parent_run_id)
         tracking.log_metrics(uri, run_id, cached.metrics)
         tracking.end_run(uri, run_id)
-        _artifacts(spec.name, cached, uri, cached.mlflow_run_id or run_id, note="reused from cache")
+        # link the new child run: the producing run may live on another tracking server
+        _artifacts(spec.name, cached, uri, run_id, note="reused from cache")
         return Completed(name="Cached", message=f"reused {out_dir}", data=cached)
 
     if force and out_dir.exists():

@@ -83,6 +83,13 @@ def prefect_env() -> dict[str, str]:
     }
 
 
+def _prefect_server_env() -> dict[str, str]:
+    # The UI derives its API address from these, not from --port: without them a server on another
+    # port serves a UI that talks to the API on 4200.
+    return {"PREFECT_SERVER_API_HOST": host(), "PREFECT_SERVER_API_PORT": str(PREFECT.port),
+            "PREFECT_UI_API_URL": local_prefect_api()}
+
+
 def _command(server: Server) -> list[str]:
     bindir = Path(sys.executable).parent
     if server is PREFECT:
@@ -107,7 +114,7 @@ def start(server: Server, wait_s: float = 120) -> str:
     logs.mkdir(exist_ok=True)
     # MLflow's job runner (huey consumers for GenAI judges/prompt jobs) costs ~2 GB in 8 processes and is
     # unused by a training pipeline; teams that want it set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
-    env = {**os.environ, **prefect_env()} if server is PREFECT else {
+    env = {**os.environ, **prefect_env(), **_prefect_server_env()} if server is PREFECT else {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     env.pop("MLFLOW_RUN_ID", None)
     with open(logs / f"{server.name}.log", "ab") as log:
