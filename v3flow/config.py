@@ -74,6 +74,10 @@ class SourceConfig(Section):
         None, description="Build the text from several fields, e.g. '{question}\\n{answer}' (jsonl/parquet)."
     )
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight in the training mix: 2.0 uses each document twice, 0.5 half of "
+        "them (seeded, per document). Validation keeps the natural distribution."
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
@@ -329,22 +333,31 @@ def _index(node: list, part: str, where: str) -> int:
 
 
 def _resolve_datasets(raw: dict, root: Path, config_path: Path) -> None:
-    """Replace `{dataset: NAME, ...}` source entries by data/datasets/NAME.yaml merged with the entry."""
-    sources = (raw.get("data") or {}).get("sources")
+    """Expand `data.mixture: NAME` (data/mixtures/NAME.yaml; it replaces data.sources), then replace each
+    `{dataset: NAME, ...}` source entry by data/datasets/NAME.yaml merged with the entry."""
+    data = raw.get("data") or {}
+    if "mixture" in data:
+        name = data.pop("mixture")
+        definition = _definition(root, "mixtures", name, config_path, "data.mixture")
+        data["sources"] = _read_yaml(definition).get("sources")
+    sources = data.get("sources")
     if not isinstance(sources, list):
         return
     for i, entry in enumerate(sources):
         if isinstance(entry, dict) and "dataset" in entry:
             name = entry["dataset"]
-            definition = root / "data" / "datasets" / f"{name}.yaml"
-            if not definition.is_file():
-                known = sorted(p.stem for p in (root / "data" / "datasets").glob("*.yaml"))
-                raise ConfigError(
-                    f"{config_path}: data.sources.{i}.dataset={name!r}: no {definition} (known: {known})"
-                )
+            definition = _definition(root, "datasets", name, config_path, f"data.sources.{i}.dataset")
             merged = _deep_merge(_read_yaml(definition), {k: v for k, v in entry.items() if k != "dataset"})
             merged.setdefault("name", name)
             sources[i] = merged
+
+
+def _definition(root: Path, kind: str, name: str, config_path: Path, key: str) -> Path:
+    path = root / "data" / kind / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "data" / kind).glob("*.yaml"))
+        raise ConfigError(f"{config_path}: {key}={name!r}: no {path} (known: {known})")
+    return path
 
 
 def _explain(err: ValidationError, path: Path, overrides: list[str]) -> str:

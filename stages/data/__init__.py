@@ -113,7 +113,8 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
     with timer("tokenize"):
         for split, folder in token_dirs.items():
             pipe = steps.tokenize_pipeline(current, split, folder, tok_dir / "tokenizer.json", bpe.EOS,
-                                           cfg.packing.val_fraction, cfg.packing.seed)
+                                           cfg.packing.val_fraction, cfg.packing.seed,
+                                           {src.name: src.weight for src in cfg.sources})
             stats[f"tokenize_{split}"] = steps.run_pipeline(f"tokenize_{split}", pipe, tasks, ex, logs)
 
     with timer("pack"):

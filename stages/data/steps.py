@@ -8,12 +8,14 @@ the next step (BPE training, packing) reads its output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
-from datatrove.data import Document
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature
@@ -143,18 +145,43 @@ class SplitFilter(BaseFilter):
         return (split_of(doc.id, self.val_fraction, self.seed) == self.split)
 
 
-def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
-    import hashlib
+def _uniform(*parts: object) -> float:
+    """A deterministic number in [0, 1) from `parts` (stable across runs, machines and task counts)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
 
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "little")
-    return "val" if h / 2**64 < val_fraction else "train"
+
+def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
+    return "val" if _uniform(seed, doc_id) < val_fraction else "train"
+
+
+class MixtureSampler(PipelineStep):
+    """Applies the sources' mixture weights: a document of weight w is used floor(w) times, plus once more
+    with probability frac(w) (decided by its id, so reruns sample the same documents)."""
+
+    name = "⚖️ mixture weights"
+    type = "🔀 - SAMPLER"
+
+    def __init__(self, weights: dict[str, float], seed: int):
+        super().__init__()
+        self.weights, self.seed = weights, seed
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            w = self.weights.get(doc.metadata.get("source"), 1.0)
+            copies = int(w) + (_uniform(self.seed, "mix", doc.id) < w - int(w))
+            self.stat_update("copies", value=copies)
+            for _ in range(copies):
+                yield doc
 
 
 def tokenize_pipeline(src: Path, split: str, out: Path, tokenizer_json: Path, eos: str, val_fraction: float,
-                      seed: int) -> list:
+                      seed: int, weights: dict[str, float]) -> list:
+    sampler = [MixtureSampler(weights, seed)] if split == "train" and any(w != 1 for w in weights.values()) else []
     return [
         jsonl_reader(src),
         SplitFilter(split, val_fraction, seed),
+        *sampler,
         DocumentTokenizer(
             str(out), tokenizer_name_or_path=str(tokenizer_json), eos_token=eos, seed=seed,
             shuffle_documents=True, save_final_metadata=True,
