@@ -1,0 +1,6 @@
+"""Our DeepSeek-V3: MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP (see MODEL.md)."""
+
+from v3flow.model.args import ModelConfig, YarnConfig
+from v3flow.model.transformer import Transformer
+
+__all__ = ["ModelConfig", "YarnConfig", "Transformer"]

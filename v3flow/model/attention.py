@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention (report §2.1.1, eqs 1-11).
+
+    c_Q  = RMSNorm(W_DQ h)                      [B, T, q_lora_rank]      (wq_a, q_norm)
+    q    = W_UQ c_Q -> per head [q_C ; q_R]      [B, T, H, d_h + d_h^R]   (wq_b)
+    c_KV = RMSNorm(W_DKV h),  k_R = W_KR h       [B, T, kv_lora_rank], [B, T, d_h^R]   (wkv_a, kv_norm)
+    k    = [W_UK c_KV ; RoPE(k_R)], v = W_UV c_KV   (wkv_b; k_R shared by all heads)
+    u    = W_O softmax(q k^T * scale) v          (wo)
+
+Two paths, side by side as in DeepSeek's inference code:
+- `forward` (training, full sequences): expands keys and values per head and runs fused
+  scaled-dot-product attention, causal over the packed sequence (no cross-document mask, as in pretraining).
+- `forward_cached` (decoding): caches only c_KV and RoPE(k_R), d_c + d_h^R values per token, and absorbs
+  W_UK into the query and W_UV into the output, so attention runs directly against the latent cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v3flow.model.args import ModelConfig
+from v3flow.model.layers import RMSNorm, upcast
+from v3flow.model.rope import apply_rope
+
+
+@dataclass
+class LatentCache:
+    """Per-layer decoding cache: the compressed latent and the shared rotary key only."""
+
+    kv: torch.Tensor  # [B, max_len, kv_lora_rank]   c_KV after kv_norm
+    pe: torch.Tensor  # [B, max_len, qk_rope_head_dim]  RoPE(k_R)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device=None) -> LatentCache:
+        return cls(torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
+                   torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device))
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, qk, nope, rope, v = cfg.n_heads, cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, h * qk, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + rope, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (nope + v), bias=False)
+        self.wo = nn.Linear(h * v, cfg.dim, bias=False)
+        self.scale = cfg.softmax_scale()
+
+    def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
+        q = q.view(*x.shape[:2], cfg.n_heads, cfg.qk_head_dim)  # [B, T, H, d_h + d_h^R]
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        kv, k_pe = self.wkv_a(x).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        return self.kv_norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,d_c], [B,T,d_h^R]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the whole sequence. x: [B, T, dim]; cos/sin: [T, d_h^R / 2]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q_nope, q_pe = self._queries(x, cos, sin)
+        kv, k_pe = self._latent(x, cos, sin)
+        kv = self.wkv_b(kv).view(B, T, cfg.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, cfg.n_heads, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)  # [B, H, T, d_v]
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
+                       start: int) -> torch.Tensor:
+        """Attend from positions start..start+S-1 to the cache, with W_UK / W_UV absorbed. x: [B, S, dim]."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        end = start + S
+        q_nope, q_pe = self._queries(x, cos, sin)
+        kv, k_pe = self._latent(x, cos, sin)
+        cache.kv[:B, start:end], cache.pe[:B, start:end] = kv, k_pe
+        w = self.wkv_b.weight.view(cfg.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, H, d_c]
+        scores = (torch.einsum("bshc,btc->bsht", q_latent, cache.kv[:B, :end])
+                  + torch.einsum("bshr,btr->bsht", q_pe, cache.pe[:B, :end])) * self.scale
+        causal = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        scores = upcast(scores).masked_fill(~causal[None, :, None, :], float("-inf")).softmax(dim=-1)
+        out = torch.einsum("bsht,btc->bshc", scores.type_as(x), cache.kv[:B, :end])
+        out = torch.einsum("bshc,hdc->bshd", out, w_uv)  # [B, S, H, d_v]
+        return self.wo(out.reshape(B, S, -1))

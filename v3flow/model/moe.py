@@ -1,0 +1,140 @@
+"""DeepSeekMoE with auxiliary-loss-free load balancing (report §2.1.2, eqs 12-20).
+
+    s_i   = sigmoid(u . e_i)                                   affinities, in fp32 (gating stays out of FP8)
+    pick  = top-K_r of s_i + b_i, within the top-M groups      b_i: per-expert bias, used for selection only
+    g_i   = s_i / sum_{selected} s_j * routed_scaling_factor   the bias never enters the gate value
+    h'    = u + sum shared FFN(u) + sum_i g_i FFN_i(u)         (the residual lives in the Block)
+
+Group limiting: experts are split into n_expert_groups groups; a group's score is the sum of its two
+highest s + b; a token may only use experts of its n_limited_groups best groups (the analogue of the
+report's at-most-4-nodes routing).
+
+Dispatch: the (token, expert) pairs are sorted by expert and each expert's slice goes through one grouped
+matrix product (`torch._grouped_mm`), with no Python loop over tokens and no dense all-experts compute.
+
+Balancing: `loads` counts tokens per expert since the last `update_bias`; after each optimizer step the
+trainer calls `update_bias(gamma)`, which lowers the bias of overloaded experts and raises that of
+underloaded ones by gamma (outside autograd). `balance_loss` is the complementary sequence-wise loss
+sum_i f_i P_i of the last forward pass (the trainer weights it by alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v3flow.model.args import ModelConfig
+from v3flow.model.layers import MLP, upcast
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))  # centroids e_i
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))  # b_i
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, dim] -> gate values [N, K_r], expert indices [N, K_r], affinities s [N, N_r] (fp32)."""
+        cfg = self.cfg
+        xf = upcast(x)
+        scores = F.linear(xf, self.weight.to(xf.dtype)).sigmoid()
+        choice = scores + self.bias.to(xf.dtype)
+        if cfg.n_expert_groups > 1:
+            groups = choice.view(x.shape[0], cfg.n_expert_groups, -1)  # [N, G, N_r / G]
+            top_groups = groups.topk(2, dim=-1).values.sum(-1).topk(cfg.n_limited_groups, dim=-1).indices
+            keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, top_groups, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(cfg.n_activated_experts, dim=-1).indices
+        gates = scores.gather(1, indices)
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20) * cfg.route_scale
+        return gates.type_as(x), indices, scores
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x, sorted by group, times that group's matrix. x: [M, K], w: [G, K, N], offsets: [G] ends."""
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
+    if hasattr(torch, "_grouped_mm") and x.dtype in kernel_dtypes:
+        return torch._grouped_mm(x, w, offs=offsets)
+    ends = offsets.tolist()  # fallback for devices / dtypes without a grouped kernel
+    starts = [0] + ends[:-1]
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
+
+
+class Experts(nn.Module):
+    """The N_r routed SwiGLU experts, stored stacked: w1, w3 [N_r, inter, dim] and w2 [N_r, dim, inter]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.w1 = nn.Parameter(torch.empty(e, i, d))  # gate_proj
+        self.w3 = nn.Parameter(torch.empty(e, i, d))  # up_proj
+        self.w2 = nn.Parameter(torch.empty(e, d, i))  # down_proj
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor):
+        """x: [N, dim]; indices, gates: [N, K_r]; counts: tokens per expert [N_r]. Returns [N, dim]."""
+        k = indices.shape[1]
+        order = indices.flatten().argsort(stable=True)  # (token, slot) pairs sorted by expert
+        token = order // k
+        offsets = counts.cumsum(0).to(torch.int32)
+        xs = x[token]  # [N * K_r, dim]
+        h = F.silu(grouped_mm(xs, self.w1.transpose(1, 2), offsets)) * grouped_mm(xs, self.w3.transpose(1, 2), offsets)
+        y = grouped_mm(h, self.w2.transpose(1, 2), offsets) * gates.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.type_as(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.register_buffer("loads", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        gates, indices, scores = self.gate(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+        out = self.experts(flat, indices, gates, counts)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        if self.training:
+            self.loads += counts.to(self.loads.dtype)
+            self.balance_loss = self.sequence_balance_loss(indices.view(B, T, -1), scores.view(B, T, -1))
+        return out.view(B, T, D)
+
+    def sequence_balance_loss(self, indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """sum_i f_i P_i per sequence (report eqs 17-20), averaged over the batch; alpha is applied outside.
+
+        f_i = N_r / (K_r T) * (tokens of the sequence routed to i), P_i = mean_t s_i / sum_j s_j.
+        """
+        cfg = self.cfg
+        B, T, K = indices.shape
+        hits = torch.zeros(B, cfg.n_routed_experts, device=indices.device)
+        hits.scatter_add_(1, indices.reshape(B, -1), torch.ones(B, T * K, device=indices.device))
+        f = hits * cfg.n_routed_experts / (K * T)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, N_r]
+        return (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> torch.Tensor:
+        """b_i += gamma * sign(mean load - load_i); returns the loads used and resets them.
+
+        With data parallelism, all-reduce `loads` before calling this so every rank sees the global batch.
+        """
+        loads = self.loads.clone()
+        if gamma and loads.sum() > 0:
+            self.gate.bias += gamma * torch.sign(loads.mean() - loads)
+        self.loads.zero_()
+        return loads
+
+
+def max_violation(loads: torch.Tensor) -> float:
+    """MaxVio = max_i load_i / mean load - 1 (the balancing paper's metric); 0 is perfect balance."""
+    mean = loads.float().mean()
+    return float(loads.max() / mean - 1) if mean > 0 else 0.0
