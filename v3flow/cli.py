@@ -2,6 +2,7 @@
 
     v3flow run CONFIG [--stages data,pretrain] [--set key=value ...] [--force STAGE,...]
     v3flow validate CONFIG [--set key=value ...]
+    v3flow params CONFIG    parameter counts (total, activated, MTP) and KV-cache bytes per token
     v3flow serve            serve the deployments (start runs from the Prefect UI)
     v3flow up | down | status   the local Prefect and MLflow servers
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", type=_csv, default=[], help="comma-separated stages (default: all)")
     run.add_argument("--force", type=_csv, default=[], help="comma-separated stages to rerun even if cached")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    params = sub.add_parser("params", help="parameter counts and KV-cache size of a config's model (no weights)")
+    params.add_argument("config")
+    params.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("serve", help="serve the deployments to the Prefect server")
     sub.add_parser("up", help="start the local Prefect and MLflow servers")
     sub.add_parser("down", help="stop the local servers")
@@ -85,6 +89,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    from v3flow.config import load_config
+    from v3flow.model.params import report
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{cfg.name}:\n{report(cfg.model)}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from v3flow import servers
 
@@ -120,7 +133,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "serve": cmd_serve, "up": cmd_up, "down": cmd_down,
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "params": cmd_params, "serve": cmd_serve, "up": cmd_up, "down": cmd_down,
             "status": cmd_status}
 
 if __name__ == "__main__":

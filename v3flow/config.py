@@ -11,48 +11,17 @@ that hash, so moving a run from a laptop to Slurm reuses its results.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from v3flow.errors import ConfigError
+from v3flow.model.args import ModelConfig
+from v3flow.section import Section, section_hash
 
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # Names of fields that do not change a stage's outputs and so stay out of its content hash.
-    unhashed: ClassVar[frozenset[str]] = frozenset()
-
-    def hashable(self) -> dict[str, Any]:
-        out = {}
-        for name in type(self).model_fields:
-            if name in self.unhashed:
-                continue
-            value = getattr(self, name)
-            out[name] = value.hashable() if isinstance(value, Section) else _jsonable(value)
-        return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Section):
-        return value.hashable()
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return value
-
-
-def section_hash(section: Section, *extra: str) -> str:
-    """Stable 16-hex-digit content hash of a config section (plus optional upstream hashes)."""
-    payload = json.dumps({"section": section.hashable(), "extra": list(extra)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+__all__ = ["PipelineConfig", "DataConfig", "ModelConfig", "Section", "section_hash", "load_config"]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -224,10 +193,18 @@ class PipelineConfig(Section):
     workdir: str = Field("data/outputs", description="Stage outputs, content-addressed (relative: to the project).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
 
     # Set by the loader, not part of the YAML schema.
     source_file: str | None = Field(None, exclude=True)
     project_root: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _vocab_matches_tokenizer(self) -> PipelineConfig:
+        if self.model.vocab_size != self.data.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal "
+                             f"data.tokenizer.vocab_size={self.data.tokenizer.vocab_size}")
+        return self
 
     def workdir_path(self) -> Path:
         path = Path(self.workdir)

@@ -1,6 +1,5 @@
-"""Our DeepSeek-V3: MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP (see MODEL.md)."""
+"""Our DeepSeek-V3: MLA, DeepSeekMoE with auxiliary-loss-free balancing, MTP (see MODEL.md).
 
-from v3flow.model.args import ModelConfig, YarnConfig
-from v3flow.model.transformer import Transformer
-
-__all__ = ["ModelConfig", "YarnConfig", "Transformer"]
+    from v3flow.model.args import ModelConfig
+    from v3flow.model.transformer import Transformer
+"""

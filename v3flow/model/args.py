@@ -10,7 +10,7 @@ import math
 
 from pydantic import Field, model_validator
 
-from v3flow.config import Section
+from v3flow.section import Section
 
 
 class YarnConfig(Section):

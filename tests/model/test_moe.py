@@ -1,0 +1,93 @@
+"""Routing properties and auxiliary-loss-free balancing."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from v3flow.model.moe import MoE, max_violation
+
+
+def moe_layer(model):
+    return model.moe_layers()[0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_bias_changes_choice_but_not_gate_values(seed):
+    from tests.conftest import MICRO
+    from v3flow.config import load_config
+
+    cfg = load_config(MICRO).model
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.1)
+    x = torch.randn(64, cfg.dim)
+    gates, idx, scores = moe.gate(x)
+    # gate values are the unbiased affinities of the chosen experts, normalised, times route_scale
+    expected = scores.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * cfg.route_scale
+    assert torch.allclose(gates, expected, atol=1e-6)
+    # a large bias on one expert pulls it into every token's selection...
+    moe.gate.bias[3] = 10.0
+    gates_b, idx_b, scores_b = moe.gate(x)
+    assert (idx_b == 3).any(dim=1).all()
+    assert torch.equal(scores_b, scores)  # ...without touching any affinity
+    expected_b = scores.gather(1, idx_b)
+    assert torch.allclose(gates_b, expected_b / expected_b.sum(-1, keepdim=True) * cfg.route_scale, atol=1e-6)
+
+
+def test_group_limit_and_loads(model, cfg):
+    moe = moe_layer(model)
+    x = torch.randn(256, cfg.dim)
+    _, idx, _ = moe.gate(x)
+    per_group = cfg.n_routed_experts // cfg.n_expert_groups
+    groups_used = torch.tensor([len(set((row // per_group).tolist())) for row in idx])
+    assert groups_used.max() <= cfg.n_limited_groups
+    assert all(len(set(row.tolist())) == cfg.n_activated_experts for row in idx)  # distinct experts
+    moe.train()
+    moe.loads.zero_()
+    moe(x.view(4, 64, -1))
+    assert moe.loads.sum() == 256 * cfg.n_activated_experts
+
+
+def test_dispatch_matches_per_token_reference(model, cfg):
+    moe = moe_layer(model)
+    x = torch.randn(3, 7, cfg.dim)
+    with torch.no_grad():
+        out = moe(x).view(-1, cfg.dim)
+        flat = x.view(-1, cfg.dim)
+        gates, idx, _ = moe.gate(flat)
+        e = moe.experts
+        ref = torch.stack([
+            sum(g * (e.w2[j] @ (torch.nn.functional.silu(e.w1[j] @ t) * (e.w3[j] @ t))) for g, j in zip(gs, js))
+            + moe.shared(t)
+            for t, gs, js in zip(flat, gates, idx)
+        ])
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_bias_updates_move_loads_toward_balance(cfg):
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    moe.gate.weight.data[:2] += 2.0  # two experts (of one group) start out heavily overloaded
+    x = torch.randn(8, 64, cfg.dim)
+    with torch.no_grad():
+        moe(x)
+        start = max_violation(moe.update_bias(0.0))
+        for _ in range(300):
+            moe(x)
+            moe.update_bias(0.01)
+        moe(x)
+        end = max_violation(moe.update_bias(0.0))
+    assert start > 0.75 and end < 0.4 * start, (start, end)
+
+
+def test_sequence_balance_loss_is_one_when_uniform(cfg):
+    moe = MoE(cfg)
+    T, K, E = 8, cfg.n_activated_experts, cfg.n_routed_experts
+    idx = torch.arange(T * K).remainder(E).view(1, T, K)  # every expert chosen equally often
+    scores = torch.ones(1, T, E)
+    assert torch.isclose(moe.sequence_balance_loss(idx, scores), torch.tensor(1.0))

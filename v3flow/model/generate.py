@@ -1,0 +1,94 @@
+"""Decoding with the latent KV cache: greedy, and self-speculative with the MTP module (report §5.4.3).
+
+Speculative decoding with D = 1: after the main model has produced token t_{n}, the MTP module drafts
+t_{n+1} from the main model's last hidden state and Emb(t_n). One main forward pass over [t_n, draft]
+then yields the true t_{n+1} and, when it equals the draft, t_{n+2} as well: one or two tokens per main
+pass. Output is exactly the main model's greedy output; the acceptance rate measures the drafter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v3flow.model.transformer import Transformer
+
+
+@torch.no_grad()
+def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """prompt [B, P] -> [B, P + new_tokens], one cached forward pass per token."""
+    B, P = prompt.shape
+    cache = model.new_cache(B, P + new_tokens)
+    out = prompt
+    logits = model.head(model.hidden_cached(prompt, cache, 0)[:, -1])
+    for i in range(new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], dim=1)
+        if i + 1 < new_tokens:
+            logits = model.head(model.hidden_cached(nxt, cache, P + i)[:, -1])
+    return out
+
+
+@dataclass
+class SpeculativeStats:
+    drafted: int = 0
+    accepted: int = 0
+    main_passes: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / max(self.main_passes, 1)
+
+
+class _Drafter:
+    """The MTP module run incrementally: position i consumes (h_i, t_{i+1}) and drafts t_{i+2}."""
+
+    def __init__(self, model: Transformer, cache):
+        self.model, self.cache, self.pos = model, cache, 0
+
+    def draft(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """hidden [1, S, D] of positions pos..pos+S-1 and the tokens after them [1, S] -> draft [1, 1]."""
+        m, s = self.model, hidden.shape[1]
+        cos, sin = m.cos[self.pos:self.pos + s], m.sin[self.pos:self.pos + s]
+        h = m.mtp[0].forward_cached(hidden, m.embed(next_tokens), cos, sin, self.cache, self.pos)
+        self.pos += s
+        return m.head(m.mtp[0].norm(h[:, -1:])).argmax(-1)
+
+
+@torch.no_grad()
+def speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, SpeculativeStats]:
+    """Greedy decoding of one sequence (prompt [1, P]) with MTP drafts; returns tokens and statistics."""
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs a model with an MTP module (mtp_depth >= 1)")
+    P = prompt.shape[1]
+    caches = model.new_cache(1, P + new_tokens + 2)
+    main, drafter = caches[: model.cfg.n_layers], _Drafter(model, caches[-1])
+    stats = SpeculativeStats()
+    h = model.hidden_cached(prompt, main, 0)  # positions 0..P-1
+    stats.main_passes += 1
+    tokens = torch.cat([prompt, model.head(h[:, -1:]).argmax(-1)], dim=1)  # + t_P
+    draft = drafter.draft(h, tokens[:, 1:])  # drafts t_{P+1}
+    n = P  # the main cache holds positions < n; tokens[:, n] is known, not yet fed
+    while tokens.shape[1] < P + new_tokens:
+        h = model.hidden_cached(torch.cat([tokens[:, n:n + 1], draft], dim=1), main, n)
+        stats.main_passes += 1
+        stats.drafted += 1
+        predicted = model.head(h).argmax(-1)  # [1, 2]: t_{n+1}, and t_{n+2} if the draft was right
+        if torch.equal(predicted[:, :1], draft):
+            stats.accepted += 1
+            tokens = torch.cat([tokens, predicted], dim=1)
+            draft = drafter.draft(h, tokens[:, n + 1:n + 3])
+            n += 2
+        else:
+            tokens = torch.cat([tokens, predicted[:, :1]], dim=1)
+            draft = drafter.draft(h[:, :1], tokens[:, n + 1:n + 2])
+            n += 1
+    tokens = tokens[:, : P + new_tokens]
+    stats.tokens = tokens.shape[1] - P
+    return tokens, stats
