@@ -47,13 +47,16 @@ def kv_cache_size(cfg: ModelConfig) -> KVCacheSize:
                        cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim), cfg.n_layers)
 
 
+def _n(count: int) -> str:
+    return f"{count / 1e9:.3f} B" if count >= 1e9 else f"{count / 1e6:.3f} M"
+
+
 def report(cfg: ModelConfig) -> str:
     p, kv = count_parameters(cfg), kv_cache_size(cfg)
     mla, mha = kv.bytes_per_token(kv.mla_values_per_layer), kv.bytes_per_token(kv.mha_values_per_layer)
     return "\n".join([
-        f"parameters (main model)   total {p.total / 1e9:10.3f} B   activated per token {p.activated / 1e9:8.3f} B",
-        f"MTP modules               unique {p.mtp_unique / 1e9:9.3f} B   with shared embedding + head "
-        f"{p.mtp_with_shared / 1e9:.3f} B",
+        f"parameters (main model)   total {_n(p.total)}   activated per token {_n(p.activated)}",
+        f"MTP modules               unique {_n(p.mtp_unique)}   with shared embedding + head {_n(p.mtp_with_shared)}",
         f"KV cache per token (BF16) MLA {kv.mla_values_per_layer} values/layer = {mla:,} B over {kv.layers} layers;"
         f" MHA of the same shape {kv.mha_values_per_layer} values/layer = {mha:,} B ({mha / mla:.1f}x more)",
     ])
