@@ -42,3 +42,11 @@ def test_yarn_matches_transformers():
     assert attention_factor == pytest.approx(cfg.yarn.rotary_scale())
     assert cfg.yarn.attention_mscale() == pytest.approx(0.1 * torch.log(torch.tensor(40.0)).item() + 1)
     assert cfg.softmax_scale() == pytest.approx(192 ** -0.5 * 1.368888 ** 2, rel=1e-5)
+
+
+def test_params_command(capsys):
+    from v3flow.cli import main
+
+    assert main(["params", str(ROOT / "configs" / "deepseek-v3-671b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "total 671.026 B" in out and "activated per token 37.552 B" in out and "(71.1x more)" in out
