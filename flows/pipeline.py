@@ -23,11 +23,15 @@ from v3flow.errors import ConfigError
 from v3flow.flows.runner import StageSpec, run_stage
 from v3flow.stage import StageResult
 from v3flow.stages import data as data_stage
+from v3flow.stages import pretrain as pretrain_stage
+from v3flow.stages.pretrain.config import PretrainStageConfig
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("data", data_stage, lambda cfg: cfg.data),
+        StageSpec("pretrain", pretrain_stage, lambda c: PretrainStageConfig(model=c.model, pretrain=c.pretrain),
+                  upstream=("data",)),
     ]
 }
 
@@ -130,3 +134,9 @@ def _stage(name: str, request: StageRequest) -> dict[str, dict]:
 def data(request: StageRequest = StageRequest()) -> dict[str, dict]:
     """Data preparation: dedup, tokenizer, packed training sequences."""
     return _stage("data", request)
+
+
+@flow(name="pretrain", log_prints=True, flow_run_name=_run_name)
+def pretrain(request: StageRequest = StageRequest()) -> dict[str, dict]:
+    """Pretraining (data is reused from the cache, or prepared first)."""
+    return _stage("pretrain", request)

@@ -60,6 +60,22 @@ def test_mlflow_has_parent_and_child_runs(servers, first_run):
     assert {"data/manifest.json", "data/tokenizer.json", "data/clusters.json"} <= artifacts
 
 
+def test_pretrain_stage_trains_logs_and_exports(servers, first_run):
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    run = client.get_run(result["pretrain"]["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == client.get_run(result["data"]["mlflow_run_id"]).data.tags[
+        "mlflow.parentRunId"]
+    assert run.data.params["lineage.data_key"] == result["data"]["key"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(history) >= 3 and history[-1].value < history[0].value
+    for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "maxvio_layer_0", "val_loss"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "pretrain/hf")}
+    assert "pretrain/hf/config.json" in artifacts and "pretrain/hf/tokenizer.json" in artifacts
+    assert any(a.path.startswith("expert_loads") for a in client.list_artifacts(run.info.run_id))
+
+
 def test_prefect_flow_run_and_artifacts(servers, first_run):
     _, result = first_run
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -78,6 +94,7 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
     started = time.monotonic()
     again = run_json(servers, "--set", f"workdir={workdir}")
     assert again["data"]["cached"] and again["data"]["key"] == first["data"]["key"]
+    assert again["pretrain"]["cached"] and again["pretrain"]["key"] == first["pretrain"]["key"]
     assert again["data"]["metrics"] == first["data"]["metrics"]
     assert time.monotonic() - started < 120  # generous: the point is that nothing was recomputed
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -89,8 +106,10 @@ def test_changed_config_reruns_and_force_reruns(servers, first_run):
     workdir, first = first_run
     changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10")
     assert not changed["data"]["cached"] and changed["data"]["key"] != first["data"]["key"]
+    assert not changed["pretrain"]["cached"]  # new data, so the model is retrained
     forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")
     assert not forced["data"]["cached"] and forced["data"]["key"] == first["data"]["key"]
+    assert forced["pretrain"]["cached"]  # the data came out identical: same key, the model is reused
     assert forced["data"]["metrics"]["tokens"] == first["data"]["metrics"]["tokens"]
 
 

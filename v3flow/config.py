@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.section import Section, section_hash
+from v3flow.stages.pretrain.config import PretrainConfig
 
 __all__ = ["PipelineConfig", "DataConfig", "ModelConfig", "Section", "section_hash", "load_config"]
 
@@ -194,6 +195,7 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     # Set by the loader, not part of the YAML schema.
     source_file: str | None = Field(None, exclude=True)
@@ -204,6 +206,18 @@ class PipelineConfig(Section):
         if self.model.vocab_size != self.data.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal "
                              f"data.tokenizer.vocab_size={self.data.tokenizer.vocab_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> PipelineConfig:
+        p = self.pretrain
+        unit = p.micro_batch * p.num_processes
+        if p.schedule.batch_start < unit:
+            raise ValueError(f"pretrain.schedule.batch_start={p.schedule.batch_start} is below micro_batch x "
+                             f"num_processes = {unit}")
+        if self.model.max_seq_len < self.data.packing.seq_len:
+            raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is below data.packing.seq_len="
+                             f"{self.data.packing.seq_len}")
         return self
 
     def workdir_path(self) -> Path:

@@ -103,14 +103,18 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def log_artifacts(uri: str, run_id: str, paths: list[str], artifact_path: str | None = None) -> None:
     c = client(uri)
     for path in paths:
-        if Path(path).is_dir():
-            c.log_artifacts(run_id, path, artifact_path)
+        if Path(path).is_dir():  # a folder keeps its name under artifact_path
+            c.log_artifacts(run_id, path, "/".join(filter(None, [artifact_path, Path(path).name])))
         elif Path(path).is_file():
             c.log_artifact(run_id, path, artifact_path)
 
 
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     client(uri).log_text(run_id, text, name)
+
+
+def log_figure(uri: str, run_id: str, figure, name: str) -> None:
+    client(uri).log_figure(run_id, figure, name)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

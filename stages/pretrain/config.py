@@ -1,0 +1,59 @@
+"""Config of the pretraining stage. Defaults are the report's (§4.2); configs/tiny.yaml scales them down."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from v3flow.section import Section
+from v3flow.stages.pretrain.schedule import ScheduleConfig
+
+
+class GuardConfig(Section):
+    """Never train on garbage: a non-finite loss, or one above spike_factor x its running mean, skips the
+    update; max_skips skipped steps in a row roll the run back to its last checkpoint."""
+
+    spike_factor: float = Field(3.0, gt=1)
+    ema: float = Field(0.95, gt=0, lt=1, description="Smoothing of the running mean loss.")
+    max_skips: int = Field(3, ge=1)
+
+
+class PretrainConfig(Section):
+    unhashed: ClassVar[frozenset[str]] = frozenset({"log_every", "keep_checkpoints", "figure_every", "launcher"})
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    micro_batch: int = Field(1, gt=0, description="Sequences per process per forward pass.")
+    num_processes: int = Field(1, gt=0, description="Data-parallel processes (DDP over gloo on CPU, NCCL on GPU).")
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="How several processes start: torchrun (CPU and GPU) or `accelerate launch` "
+        "with accelerate_config (FSDP2 and multi-node).")
+    accelerate_config: str | None = Field(None, description="accelerate config YAML (launcher: accelerate).")
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, gt=0)
+    balancing: Literal["aux_free", "aux_loss", "none"] = Field(
+        "aux_free", description="aux_free: bias updates + tiny sequence-wise loss (the report); aux_loss: a "
+        "classic auxiliary balance loss of weight aux_loss_alpha, no bias; none: neither.")
+    aux_loss_alpha: float = Field(0.01, ge=0, description="Weight of the classic auxiliary loss (aux_loss).")
+    checkpoint_every: int = Field(1000, gt=0, description="Steps between full checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_every: int = Field(1000, gt=0)
+    eval_batches: int = Field(20, gt=0, description="Validation batches of micro_batch sequences.")
+    log_every: int = Field(10, gt=0)
+    figure_every: int = Field(500, gt=0, description="Steps between expert-load figures.")
+    guards: GuardConfig = Field(default_factory=GuardConfig)
+    seed: int = 1234
+    export_hf: bool = Field(True, description="Export the final checkpoint in the Hugging Face format.")
+
+
+class PretrainStageConfig(Section):
+    """What the pretraining stage's outputs depend on: the architecture and the training recipe."""
+
+    model: "ModelConfig"
+    pretrain: PretrainConfig
+
+
+from v3flow.model.args import ModelConfig  # noqa: E402  (after the class, to keep this module's imports light)
+
+PretrainStageConfig.model_rebuild()

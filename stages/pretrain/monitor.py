@@ -1,0 +1,109 @@
+"""What an engineer watches during pretraining: losses, LR, gradient norm, tokens/s, MFU, expert balance.
+
+Rank 0 appends every step to metrics.jsonl (the exact-resume test compares these files) and sends them to
+the stage's MLflow run (MLFLOW_RUN_ID) every `log_every` steps, with a figure of the expert loads per layer.
+MFU is model FLOPs per second over the machine's measured peak of a large fp32/bf16 matrix product.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from v3flow import tracking
+from v3flow.model.moe import max_violation
+from v3flow.model.params import count_parameters
+
+
+def training_flops_per_token(model, seq_len: int) -> float:
+    """6 x activated matmul weights (main, MTP and both heads) + causal attention scores and values."""
+    cfg = model.cfg
+    p = count_parameters(cfg)
+    mtp_active = p.mtp_unique - cfg.mtp_depth * (cfg.n_routed_experts - cfg.n_activated_experts) * 3 * cfg.dim \
+        * cfg.moe_inter_dim + cfg.mtp_depth * p.embedding  # + the shared head once per depth
+    dense = p.activated - p.embedding + mtp_active
+    layers = cfg.n_layers + cfg.mtp_depth
+    attention = 6 * layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * dense + attention
+
+
+def measured_peak_flops(dtype=torch.float32, n: int = 1024, reps: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, model, main: bool, seq_len: int):
+        self.main, self.model = main, model
+        self.file = run_dir / "metrics.jsonl"
+        self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
+        self.flops_per_token = training_flops_per_token(model, seq_len)
+        self.peak = measured_peak_flops() if main else 1.0
+        self.loads: list[torch.Tensor] = []
+        self.window = (time.perf_counter(), 0)
+        self.last: dict = {}
+
+    def step(self, state: dict, metrics: dict, force: bool) -> None:
+        if not self.main:
+            return
+        for i, loads in enumerate(self.loads):
+            metrics[f"maxvio_layer_{i}"] = max_violation(loads)
+        if self.loads:
+            metrics["maxvio_mean"] = sum(max_violation(x) for x in self.loads) / len(self.loads)
+        record = {"step": state["step"], "tokens": state["tokens"], **metrics}
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last = record
+        if force:
+            start, tokens0 = self.window
+            now = time.perf_counter()
+            rate = (state["tokens"] - tokens0) / max(now - start, 1e-9)
+            self.window = (now, state["tokens"])
+            extra = {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak}
+            self.log(state["step"], {**{k: v for k, v in metrics.items() if isinstance(v, float | int)}, **extra})
+            print(f"[pretrain] step {state['step']:5d}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                  f"{rate:,.0f} tok/s  MFU {extra['mfu']:.1%}", flush=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.main and self.run_id:
+            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, float | int) and v == v}
+            tracking.log_metrics(self.uri, self.run_id, finite, step=step)
+        if self.main and "val_loss" in metrics:
+            print(f"[pretrain] step {step}: validation loss {metrics['val_loss']:.4f}", flush=True)
+
+    def event(self, step: int, text: str) -> None:
+        if self.main:
+            print(f"[pretrain] step {step}: {text}", flush=True)
+            with open(self.file.with_name("events.log"), "a") as f:
+                f.write(f"{step}\t{text}\n")
+            if self.run_id:
+                tracking.log_metrics(self.uri, self.run_id, {"guard_events": 1.0}, step=step)
+
+    def figure(self, step: int) -> None:
+        if not (self.main and self.run_id and self.loads):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        loads = torch.stack([x / x.float().mean().clamp(min=1e-9) for x in self.loads]).numpy()
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * len(loads)))
+        im = ax.imshow(loads, aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"expert load / mean load, step {step}")
+        fig.colorbar(im, ax=ax)
+        tracking.log_figure(self.uri, self.run_id, fig, f"expert_loads/step_{step:06d}.png")
+        plt.close(fig)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.last.items() if k.startswith("maxvio")}

@@ -1,0 +1,207 @@
+"""The pretraining loop, on accelerate. One process on CPU by default; several with torchrun / accelerate launch.
+
+    python -m v3flow.stages.pretrain.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+
+Each step: the schedule gives the global batch (sequences), learning rate, lambda, gamma and alpha; every
+process takes its slice of the global batch and accumulates micro-batches; the losses are averaged
+across processes; the guard may skip the update; otherwise gradients are clipped, AdamW steps, and the
+router biases move by gamma against the expert loads counted over the global batch (all-reduced).
+Checkpoints (safetensors) hold everything needed to continue bit-for-bit; a restarted run resumes from
+the latest one. Rank 0 writes metrics.jsonl, logs to the stage's MLflow run (MLFLOW_RUN_ID) and, at the
+end, exports the model in the Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from v3flow.model.args import ModelConfig
+from v3flow.model.transformer import Transformer
+from v3flow.stages.pretrain import checkpoint
+from v3flow.stages.pretrain.config import PretrainConfig
+from v3flow.stages.pretrain.data import PackedSequences
+from v3flow.stages.pretrain.monitor import Monitor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW (report: beta 0.9/0.95, weight decay 0.1); no decay on norms (1-D weights)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+
+
+class Trainer:
+    def __init__(self, run_dir: Path):
+        spec = json.loads((run_dir / "run.json").read_text())
+        self.run_dir, self.spec = run_dir, spec
+        self.cfg, self.model_cfg = PretrainConfig(**spec["pretrain"]), ModelConfig(**spec["model"])
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(),
+                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        torch.manual_seed(self.cfg.seed)
+        model = Transformer(self.model_cfg)
+        model.init_weights()
+        self.raw = model
+        self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
+        self.model, self.opt = self.acc.prepare(model, self.opt)
+        self.train = PackedSequences(Path(spec["manifest"]), "train")
+        self.val = PackedSequences(Path(spec["manifest"]), "val")
+        self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
+                      "rollbacks": 0, "lineage": spec["lineage"]}
+        self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len)
+        found = checkpoint.latest(run_dir / "checkpoints")
+        if found:
+            self.state = checkpoint.load(found, self.raw, self.opt)
+            self.acc.print(f"[pretrain] resumed from {found.name} at step {self.state['step']}")
+
+    # ---------------------------------------------------------------------------------------- one step
+    def _weights(self, tokens: int) -> tuple[float, float, float]:
+        """(lambda, gamma, alpha) for the balancing mode of the run."""
+        s, mode = self.cfg.schedule, self.cfg.balancing
+        alpha = {"aux_free": s.balance_alpha, "aux_loss": self.cfg.aux_loss_alpha, "none": 0.0}[mode]
+        gamma = s.gamma(tokens) if mode == "aux_free" else 0.0
+        return s.mtp_lambda(tokens), gamma, alpha
+
+    def step(self) -> dict:
+        cfg, st, world = self.cfg, self.state, self.acc.num_processes
+        unit = cfg.micro_batch * world
+        size = cfg.schedule.batch_size(st["tokens"], unit)
+        lam, gamma, alpha = self._weights(st["tokens"])
+        lr = cfg.schedule.lr(st["step"], st["tokens"])
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        local = self.train.batch(st["position"], size, cfg.seed).chunk(world)[self.acc.process_index]
+        micro = local.split(cfg.micro_batch)
+        sums = torch.zeros(3)
+        self.model.train()
+        for i, seqs in enumerate(micro):
+            inputs, targets = self.train.inputs_targets(seqs.to(self.acc.device))
+            sync = nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
+            with sync:
+                out = self.model(inputs, targets, mtp_weight=lam, balance_alpha=alpha)
+                self.acc.backward(out.loss / len(micro))
+            sums += torch.stack([out.lm_loss, out.mtp_loss, out.balance_loss]).float().cpu() / len(micro)
+        losses = self.acc.reduce(sums.to(self.acc.device), "mean").cpu()
+        loss = float(losses[0])
+        if os.environ.get("V3FLOW_FAULT_NAN_AT_STEP") == str(st["step"]):
+            loss = math.nan  # test hook: a corrupted step
+        metrics = {"loss": loss, "mtp_loss": float(losses[1]), "balance_loss": float(losses[2]), "lr": lr,
+                   "mtp_lambda": lam, "bias_gamma": gamma, "batch_sequences": size}
+        if self._guard(loss):
+            metrics.update(self._apply_update(gamma))
+        st["position"] += size
+        st["tokens"] += size * self.train.seq_len
+        st["step"] += 1
+        return metrics
+
+    def _guard(self, loss: float) -> bool:
+        """True when the update may be applied; otherwise skip it, and roll back after max_skips."""
+        st, g = self.state, self.cfg.guards
+        spike = st["ema"] is not None and loss > g.spike_factor * st["ema"]
+        if math.isfinite(loss) and not spike:
+            st["ema"] = loss if st["ema"] is None else g.ema * st["ema"] + (1 - g.ema) * loss
+            st["skips"] = 0
+            return True
+        self.opt.zero_grad(set_to_none=True)
+        for moe in self.raw.moe_layers():
+            moe.loads.zero_()
+        st["skips"] += 1
+        st["skipped_total"] += 1
+        self.monitor.event(st["step"], f"skipped update: loss {loss:.4g} (running mean {st['ema']})")
+        if st["skips"] >= g.max_skips:
+            self._rollback()
+        return False
+
+    def _rollback(self) -> None:
+        found = checkpoint.latest(self.run_dir / "checkpoints")
+        if found is None:
+            raise RuntimeError(f"{self.cfg.guards.max_skips} bad steps in a row and no checkpoint to roll back to")
+        keep = {k: self.state[k] for k in ("position", "skipped_total", "rollbacks")}
+        self.state = checkpoint.load(found, self.raw, self.opt)
+        self.state.update(keep, rollbacks=keep["rollbacks"] + 1, skips=0)  # skip past the bad data
+        self.monitor.event(self.state["step"], f"rolled back to {found.name}")
+
+    def _apply_update(self, gamma: float) -> dict:
+        grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loads = []
+        for moe in self.raw.moe_layers():
+            moe.loads.copy_(self.acc.reduce(moe.loads, "sum"))  # the global batch's loads
+            loads.append(moe.update_bias(gamma))
+        self.monitor.loads = loads
+        return {"grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------------------------------ the run
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(min(self.cfg.eval_batches, math.ceil(self.val.size / self.cfg.micro_batch))):
+            idx = torch.arange(i * self.cfg.micro_batch, min((i + 1) * self.cfg.micro_batch, self.val.size))
+            inputs, targets = self.val.inputs_targets(self.val.rows(idx.numpy()).to(self.acc.device))
+            logits = self.raw(inputs)
+            valid = targets != -100
+            total += float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
+            count += int(valid.sum())
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            checkpoint.save(self.run_dir / "checkpoints", self.state["step"], self.raw, self.opt,
+                            {k: v for k, v in self.state.items() if k != "step"}, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        total = cfg.schedule.total_tokens
+        while st["tokens"] < total:
+            if os.environ.get("V3FLOW_FAULT_KILL_AT_STEP") == str(st["step"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die without any cleanup
+            metrics = self.step()
+            self.monitor.step(st, metrics, force=st["step"] % cfg.log_every == 0)
+            if st["step"] % cfg.eval_every == 0:
+                self.monitor.log(st["step"], self.evaluate())
+            if st["step"] % cfg.figure_every == 0:
+                self.monitor.figure(st["step"])
+            if st["step"] % cfg.checkpoint_every == 0:
+                self.save()
+        final = {**self.evaluate(), "steps": st["step"], "tokens": st["tokens"],
+                 "skipped_steps": st["skipped_total"], "rollbacks": st["rollbacks"]}
+        if checkpoint.latest(self.run_dir / "checkpoints") is None or \
+                checkpoint.latest(self.run_dir / "checkpoints").name != f"step_{st['step']:06d}":
+            self.save()
+        self.monitor.log(st["step"], final)
+        self.monitor.figure(st["step"])
+        if self.acc.is_main_process:
+            final.update(self.monitor.summary())
+            if cfg.export_hf:
+                from v3flow.model.hf_format import export_hf
+
+                export_hf(self.raw, self.run_dir / "hf", Path(self.spec["tokenizer"]))
+            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
+        self.acc.wait_for_everyone()
+        return final
+
+
+def main(argv: list[str]) -> None:
+    run_dir = Path(argv[0])
+    started = time.time()
+    result = Trainer(run_dir).run()
+    print(f"[pretrain] done in {time.time() - started:.0f}s: {json.dumps(result)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MICRO
+from v3flow.config import load_config
+from v3flow.stages.data import run as run_data
+from v3flow.stages.pretrain.config import PretrainStageConfig
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory):
+    cfg = load_config(MICRO)
+    return run_data(cfg.data, tmp_path_factory.mktemp("data"), resolve=cfg.resolve)
+
+
+def write_run(run_dir: Path, data, overrides: list[str] = ()) -> PretrainStageConfig:
+    cfg = load_config(MICRO, list(overrides))
+    stage = PretrainStageConfig(model=cfg.model, pretrain=cfg.pretrain.model_copy(update={"export_hf": False}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({
+        "model": stage.model.model_dump(mode="json"), "pretrain": stage.pretrain.model_dump(mode="json"),
+        "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": {},
+    }))
+    return stage
+
+
+def losses(run_dir: Path) -> dict[int, dict]:
+    """The last record of each step in metrics.jsonl (a resumed run appends the replayed steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record
+    return out
