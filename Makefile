@@ -44,6 +44,7 @@ serve: setup
 bench: setup
 	$(BIN)/python benchmarks/data_throughput.py --config $(CONFIG)
 	$(BIN)/python benchmarks/model_speed.py --config $(CONFIG)
+	$(BIN)/python benchmarks/pretrain_speed.py --config $(CONFIG)
 
 clean: down
 	rm -rf .v3flow data/outputs

@@ -99,6 +99,8 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         f"| unigram entropy of the data | {unigram:.4f} nats |",
         f"| mean expert MaxVio (last step) | {final.get('maxvio_mean', float('nan')):.3f} |",
         f"| skipped updates / rollbacks | {final['skipped_steps']} / {final['rollbacks']} |",
+        f"| MTP draft acceptance (self-speculative decoding) | {final.get('mtp_acceptance_rate', float('nan')):.1%}"
+        f", {final.get('mtp_tokens_per_pass', float('nan')):.2f} tokens per main pass |",
         "", f"Hugging Face export: `{hf}`",
     ])
     return result

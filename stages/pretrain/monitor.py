@@ -44,7 +44,7 @@ class Monitor:
     def __init__(self, run_dir: Path, model, main: bool, seq_len: int):
         self.main, self.model = main, model
         self.file = run_dir / "metrics.jsonl"
-        self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
+        self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID") or None
         self.flops_per_token = training_flops_per_token(model, seq_len)
         self.peak = measured_peak_flops() if main else 1.0
         self.loads: list[torch.Tensor] = []
@@ -58,19 +58,19 @@ class Monitor:
             metrics[f"maxvio_layer_{i}"] = max_violation(loads)
         if self.loads:
             metrics["maxvio_mean"] = sum(max_violation(x) for x in self.loads) / len(self.loads)
-        record = {"step": state["step"], "tokens": state["tokens"], **metrics}
-        with open(self.file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.last = record
         if force:
             start, tokens0 = self.window
             now = time.perf_counter()
             rate = (state["tokens"] - tokens0) / max(now - start, 1e-9)
             self.window = (now, state["tokens"])
-            extra = {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak}
-            self.log(state["step"], {**{k: v for k, v in metrics.items() if isinstance(v, float | int)}, **extra})
+            metrics.update(tokens_per_s=rate, mfu=rate * self.flops_per_token / self.peak)
+            self.log(state["step"], metrics)
             print(f"[pretrain] step {state['step']:5d}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                  f"{rate:,.0f} tok/s  MFU {extra['mfu']:.1%}", flush=True)
+                  f"{rate:,.0f} tok/s  MFU {metrics['mfu']:.1%}", flush=True)
+        record = {"step": state["step"], "tokens": state["tokens"], **metrics}
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last = record
 
     def log(self, step: int, metrics: dict) -> None:
         if self.main and self.run_id:

@@ -158,6 +158,21 @@ class Trainer:
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
 
+    @torch.no_grad()
+    def mtp_acceptance(self, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+        """Self-speculative decoding on validation prompts: how often the MTP draft is the main model's token."""
+        from v3flow.model.generate import speculative
+
+        self.raw.eval()
+        drafted = accepted = passes = produced = 0
+        n = min(prompts, self.val.size)
+        length = min(prompt_len, self.val.seq_len - new_tokens - 2)
+        for seq in self.val.rows(torch.arange(n).numpy()):
+            _, stats = speculative(self.raw, seq[None, :length].to(self.acc.device), new_tokens)
+            drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+            passes, produced = passes + stats.main_passes, produced + stats.tokens
+        return {"mtp_acceptance_rate": accepted / max(drafted, 1), "mtp_tokens_per_pass": produced / max(passes, 1)}
+
     def save(self) -> None:
         if self.acc.is_main_process:
             checkpoint.save(self.run_dir / "checkpoints", self.state["step"], self.raw, self.opt,
@@ -187,6 +202,8 @@ class Trainer:
         self.monitor.figure(st["step"])
         if self.acc.is_main_process:
             final.update(self.monitor.summary())
+            if self.model_cfg.mtp_depth:
+                final.update(self.mtp_acceptance())
             if cfg.export_hf:
                 from v3flow.model.hf_format import export_hf
 
