@@ -10,14 +10,14 @@ the local server is started when no MLFLOW_TRACKING_URI is set).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-from v3flow import servers, tracking
+from record import record
+
 from v3flow.config import load_config, section_hash
 from v3flow.stages.data import run
 
@@ -51,21 +51,12 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, workers={cfg.data.executor.workers}"
     print(table(summary, cfg.name, machine))
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or servers.start(servers.MLFLOW)
-    run_id = tracking.start_run(uri, "v3flow-benchmarks", f"data-throughput-{cfg.name}",
-                                {"benchmark": "data_throughput", "machine": machine,
-                                 "v3flow.config_hash": section_hash(cfg.data)},
-                                {"config": args.config, "repeats": str(args.repeats)})
-    tracking.log_metrics(uri, run_id, summary)
-    tracking.end_run(uri, run_id)
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"data_throughput_{cfg.name}.json").write_text(json.dumps({"machine": machine, **summary}, indent=2))
-    print(f"logged to MLflow run {run_id} at {uri}")
-
+    record(f"data_throughput_{cfg.name}", summary, {"benchmark": "data_throughput", "machine": machine,
+                                                   "v3flow.config_hash": section_hash(cfg.data)},
+           {"config": args.config, "repeats": str(args.repeats)})
 
 def table(s: dict, name: str, machine: str) -> str:
-    rows = [f"| step | share of time |", "|---|---|"]
+    rows = ["| step | share of time |", "|---|---|"]
     rows += [f"| {step} | {s[f'share_{step}']:.1%} |" for step in STEPS]
     return (f"\n`{name}`: {s['input_mb']:.1f} MB of text, {s['docs_read']:.0f} documents, {s['tokens']:,.0f} tokens "
             f"in {s['time_total_s']:.1f} s = **{s['throughput_mb_s']:.2f} MB/s** ({machine})\n\n" + "\n".join(rows))

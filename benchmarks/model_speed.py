@@ -13,16 +13,15 @@ Results go to MLflow (experiment `v3flow-benchmarks`) and benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from v3flow import servers, tracking
+from record import record
+
 from v3flow.config import load_config
 from v3flow.model.hf_format import hf_config
 from v3flow.model.transformer import Transformer
@@ -105,17 +104,9 @@ def main() -> None:
     summary = {"v3flow_tokens_s": tps["v3flow"], "transformers_default_tokens_s": default_hf,
                "transformers_best_tokens_s": best_hf[0], "ratio_vs_default": tps["v3flow"] / default_hf,
                "ratio_vs_best": tps["v3flow"] / best_hf[0]}
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or servers.start(servers.MLFLOW)
-    run_id = tracking.start_run(uri, "v3flow-benchmarks", f"model-speed-{args.config.rsplit('/', 1)[-1]}",
-                                {"benchmark": "model_speed", "machine": machine},
-                                {"config": args.config, "batch": str(args.batch), "seq": str(args.seq),
-                                 "best_transformers": best_hf[1]})
-    tracking.log_metrics(uri, run_id, summary)
-    tracking.end_run(uri, run_id)
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model_speed.json").write_text(json.dumps({"machine": machine, **summary, "all": tps}, indent=2))
-
+    record("model_speed", {**summary, **{f"tokens_s.{k}": v for k, v in tps.items()}},
+           {"benchmark": "model_speed", "machine": machine},
+           {"config": args.config, "batch": str(args.batch), "seq": str(args.seq), "best_transformers": best_hf[1]})
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from v3flow import servers, tracking
+from record import record
+
 from v3flow.config import load_config
 from v3flow.stage import StageResult
 
@@ -59,16 +60,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"{cfg.name}: {summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} "
           f"(batch {s.batch_end} x {cfg.data.packing.seq_len}, {machine})")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or servers.start(servers.MLFLOW)
-    run_id = tracking.start_run(uri, "v3flow-benchmarks", f"pretrain-speed-{cfg.name}",
-                                {"benchmark": "pretrain_speed", "machine": machine},
-                                {"config": args.config, "steps": str(args.steps)})
-    tracking.log_metrics(uri, run_id, summary)
-    tracking.end_run(uri, run_id)
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"pretrain_speed_{cfg.name}.json").write_text(json.dumps({"machine": machine, **summary}, indent=2))
-
+    record(f"pretrain_speed_{cfg.name}", summary, {"benchmark": "pretrain_speed", "machine": machine},
+           {"config": args.config, "steps": str(args.steps)})
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,7 @@ class _QuarantiningMixin:
         if self.template is not None:
             try:
                 data = dict(data, **{self.text_key: self.template.format(**data)})
-            except (KeyError, IndexError) as err:
+            except (KeyError, IndexError):
                 self.quarantine.put(self, "missing_text", where, data)
                 return None
         if self.text_key not in data:

@@ -60,6 +60,7 @@ class Trainer:
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
                       "rollbacks": 0, "lineage": spec["lineage"]}
         self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len)
+        self.fired: set[int] = set()
         found = checkpoint.latest(run_dir / "checkpoints")
         if found:
             self.state = checkpoint.load(found, self.raw, self.opt)
@@ -94,8 +95,10 @@ class Trainer:
             sums += torch.stack([out.lm_loss, out.mtp_loss, out.balance_loss]).float().cpu() / len(micro)
         losses = self.acc.reduce(sums.to(self.acc.device), "mean").cpu()
         loss = float(losses[0])
-        if os.environ.get("V3FLOW_FAULT_NAN_AT_STEP") == str(st["step"]):
-            loss = math.nan  # test hook: a corrupted step
+        faults = os.environ.get("V3FLOW_FAULT_NAN_AT_STEP", "").split(",")
+        if str(st["step"]) in faults and st["step"] not in self.fired:
+            self.fired.add(st["step"])  # test hook: a corrupted step (once; a rollback skips past its data)
+            loss = math.nan
         metrics = {"loss": loss, "mtp_loss": float(losses[1]), "balance_loss": float(losses[2]), "lr": lr,
                    "mtp_lambda": lam, "bias_gamma": gamma, "batch_sequences": size}
         if self._guard(loss):
@@ -195,8 +198,8 @@ class Trainer:
                 self.save()
         final = {**self.evaluate(), "steps": st["step"], "tokens": st["tokens"],
                  "skipped_steps": st["skipped_total"], "rollbacks": st["rollbacks"]}
-        if checkpoint.latest(self.run_dir / "checkpoints") is None or \
-                checkpoint.latest(self.run_dir / "checkpoints").name != f"step_{st['step']:06d}":
+        last = checkpoint.latest(self.run_dir / "checkpoints")
+        if last is None or last.name != f"step_{st['step']:06d}":
             self.save()
         self.monitor.log(st["step"], final)
         self.monitor.figure(st["step"])

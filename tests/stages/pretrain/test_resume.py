@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.stages.pretrain.conftest import losses, write_run
@@ -35,7 +37,15 @@ def test_guard_skips_a_corrupted_step(tmp_path, micro_data):
     records = losses(run)
     assert "grad_norm" not in records[4]  # step index 3 is record 4: no update was applied
     assert "skipped update" in (run / "events.log").read_text()
-    import json
-
     final = json.loads((run / "final.json").read_text())
     assert final["skipped_steps"] == 1 and final["rollbacks"] == 0
+
+
+def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, micro_data):
+    run = tmp_path / "rollback"
+    cfg = write_run(run, micro_data)
+    launch(cfg, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "6,7,8"})  # max_skips=3 bad steps after step 5's checkpoint
+    final = json.loads((run / "final.json").read_text())
+    assert final["skipped_steps"] == 3 and final["rollbacks"] == 1
+    assert "rolled back to step_000005" in (run / "events.log").read_text()
+    assert all(r["loss"] == r["loss"] for r in losses(run).values() if "grad_norm" in r)  # no NaN was applied

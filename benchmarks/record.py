@@ -1,0 +1,23 @@
+"""Where benchmark figures go: a run in MLflow experiment `v3flow-benchmarks` and benchmarks/results/NAME.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from v3flow import servers, tracking
+
+
+def record(name: str, summary: dict, tags: dict, params: dict) -> str:
+    """Log `summary` as metrics of a new benchmark run (the local MLflow server is started when no
+    MLFLOW_TRACKING_URI is set) and write it, with the tags, to benchmarks/results/NAME.json."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or servers.start(servers.MLFLOW)
+    run_id = tracking.start_run(uri, "v3flow-benchmarks", name, tags, params)
+    tracking.log_metrics(uri, run_id, summary)
+    tracking.end_run(uri, run_id)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({**tags, **params, **summary}, indent=2))
+    print(f"logged to MLflow run {run_id} at {uri}")
+    return run_id
