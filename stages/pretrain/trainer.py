@@ -103,6 +103,7 @@ class Trainer:
                    "mtp_lambda": lam, "bias_gamma": gamma, "batch_sequences": size}
         if self._guard(loss):
             metrics.update(self._apply_update(gamma))
+        st = self.state  # a rollback replaced it; the bad batch is still consumed, so training moves past it
         st["position"] += size
         st["tokens"] += size * self.train.seq_len
         st["step"] += 1
@@ -183,12 +184,12 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def run(self) -> dict:
-        cfg, st = self.cfg, self.state
-        total = cfg.schedule.total_tokens
-        while st["tokens"] < total:
-            if os.environ.get("V3FLOW_FAULT_KILL_AT_STEP") == str(st["step"]):
+        cfg = self.cfg
+        while self.state["tokens"] < cfg.schedule.total_tokens:
+            if os.environ.get("V3FLOW_FAULT_KILL_AT_STEP") == str(self.state["step"]):
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die without any cleanup
             metrics = self.step()
+            st = self.state  # not cached across steps: a rollback replaces the state
             self.monitor.step(st, metrics, force=st["step"] % cfg.log_every == 0)
             if st["step"] % cfg.eval_every == 0:
                 self.monitor.log(st["step"], self.evaluate())
@@ -196,6 +197,7 @@ class Trainer:
                 self.monitor.figure(st["step"])
             if st["step"] % cfg.checkpoint_every == 0:
                 self.save()
+        st = self.state
         final = {**self.evaluate(), "steps": st["step"], "tokens": st["tokens"],
                  "skipped_steps": st["skipped_total"], "rollbacks": st["rollbacks"]}
         last = checkpoint.latest(self.run_dir / "checkpoints")
