@@ -21,8 +21,7 @@ class Section(BaseModel):
         for name in type(self).model_fields:
             if name in self.unhashed:
                 continue
-            value = getattr(self, name)
-            out[name] = value.hashable() if isinstance(value, Section) else _jsonable(value)
+            out[name] = _jsonable(getattr(self, name))
         return out
 
 

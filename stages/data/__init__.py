@@ -38,10 +38,7 @@ def fingerprint(cfg: DataConfig, resolve) -> str:
     parts = []
     for src in cfg.sources:
         root = readers.source_root(src, resolve)
-        files = [] if src.kind == "hf_dataset" else readers.list_source_files(src, root)
-        if src.kind == "hf_dataset":
-            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        parts.append(readers.fingerprint(root, files))
+        parts.append(readers.fingerprint(root, readers.list_source_files(src, root)))
     return "-".join(parts)
 
 

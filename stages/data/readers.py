@@ -26,7 +26,8 @@ from datatrove.pipeline.readers.parquet import ParquetReader
 from v3flow.config import SourceConfig
 from v3flow.errors import DataError
 
-DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet"}
+DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet",
+                 "hf_dataset": "**/*"}
 STDLIB_EXCLUDE = ["site-packages/**", "**/__pycache__/**"]
 
 

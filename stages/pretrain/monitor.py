@@ -54,10 +54,10 @@ class Monitor:
     def step(self, state: dict, metrics: dict, force: bool) -> None:
         if not self.main:
             return
-        for i, loads in enumerate(self.loads):
-            metrics[f"maxvio_layer_{i}"] = max_violation(loads)
-        if self.loads:
-            metrics["maxvio_mean"] = sum(max_violation(x) for x in self.loads) / len(self.loads)
+        maxvio = [max_violation(loads) for loads in self.loads]
+        metrics.update({f"maxvio_layer_{i}": v for i, v in enumerate(maxvio)})
+        if maxvio:
+            metrics["maxvio_mean"] = sum(maxvio) / len(maxvio)
         if force:
             start, tokens0 = self.window
             now = time.perf_counter()

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.model.args import ModelConfig
-from v3flow.model.transformer import Transformer
+from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain import checkpoint
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.stages.pretrain.data import PackedSequences
@@ -156,7 +156,7 @@ class Trainer:
             idx = torch.arange(i * self.cfg.micro_batch, min((i + 1) * self.cfg.micro_batch, self.val.size))
             inputs, targets = self.val.inputs_targets(self.val.rows(idx.numpy()).to(self.acc.device))
             logits = self.raw(inputs)
-            valid = targets != -100
+            valid = targets != IGNORE
             total += float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
             count += int(valid.sum())
         loss = total / max(count, 1)

@@ -22,8 +22,8 @@ class ParamCounts:
 def count_parameters(cfg: ModelConfig) -> ParamCounts:
     with torch.device("meta"):
         model = Transformer(cfg)
-    sizes = {n: t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in ("cos", "sin")}
-    sizes = {n: v for n, v in sizes.items() if not n.endswith(".loads")}
+    # weights and persistent buffers (the router biases); not the RoPE tables or the load counters
+    sizes = {n: t.numel() for n, t in model.state_dict().items()}
     main = sum(v for n, v in sizes.items() if not n.startswith("mtp."))
     mtp = sum(v for n, v in sizes.items() if n.startswith("mtp."))
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim
