@@ -244,6 +244,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(_explain(err, path, overrides or [])) from None
     cfg.source_file = str(path)
     cfg.project_root = str(root)
+    accelerate_config = cfg.pretrain.accelerate_config
+    if cfg.pretrain.launcher == "accelerate" and not cfg.resolve(accelerate_config).is_file():
+        raise ConfigError(f"{path}: pretrain.accelerate_config={accelerate_config!r}: no such file "
+                          f"{cfg.resolve(accelerate_config)}")
     return cfg
 
 

@@ -34,13 +34,13 @@ class TrainingError(V3flowError):
     """The training process failed; the message carries the tail of its output."""
 
 
-def _command(cfg: PretrainStageConfig, run_dir: Path) -> list[str]:
+def _command(cfg: PretrainStageConfig, run_dir: Path, resolve=Path) -> list[str]:
     p = cfg.pretrain
     module = ["-m", "v3flow.stages.pretrain.trainer", str(run_dir)]
     if p.num_processes == 1:
         return [sys.executable, *module]
-    if p.launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(p.accelerate_config),
+    if p.launcher == "accelerate":  # (not --cpu: it collapses the processes into one; the trainer picks gloo)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve(p.accelerate_config)),
                 "--num_processes", str(p.num_processes), *module]
     with socket.socket() as s:  # a free rendezvous port on this machine
         s.bind(("127.0.0.1", 0))
@@ -49,12 +49,29 @@ def _command(cfg: PretrainStageConfig, run_dir: Path) -> list[str]:
             "--master_addr=127.0.0.1", f"--master_port={port}", *module]
 
 
-def launch(cfg: PretrainStageConfig, run_dir: Path, env: dict | None = None) -> None:
+def check_launcher(cfg: PretrainStageConfig, resolve=Path) -> None:
+    """accelerate runs FSDP only on accelerators: on a CPU machine it would quietly fall back to plain data
+    parallelism, so refuse an FSDP accelerate config there instead of training something else."""
+    import torch
+    import yaml
+
+    p = cfg.pretrain
+    if p.launcher != "accelerate" or torch.cuda.is_available():
+        return
+    path = resolve(p.accelerate_config)
+    if yaml.safe_load(path.read_text()).get("distributed_type") == "FSDP":
+        raise TrainingError(f"pretrain.accelerate_config={p.accelerate_config}: distributed_type FSDP needs GPUs "
+                            "(accelerate shards only on accelerators); on CPU use configs/accelerate/ddp.yaml or "
+                            "launcher: torchrun")
+
+
+def launch(cfg: PretrainStageConfig, run_dir: Path, env: dict | None = None, resolve=Path) -> None:
     """Run the trainer to completion, streaming its output; kill its whole process group on interruption."""
+    check_launcher(cfg, resolve)
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if cfg.pretrain.num_processes > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.pretrain.num_processes)))
-    proc = subprocess.Popen(_command(cfg, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(_command(cfg, run_dir, resolve), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)
     try:
@@ -80,7 +97,7 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     spec = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json"),
             "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": lineage}
     (out_dir / "run.json").write_text(json.dumps(spec, indent=2))
-    launch(cfg, out_dir)
+    launch(cfg, out_dir, resolve=resolve)
     final = json.loads((out_dir / "final.json").read_text())
     unigram = json.loads(Path(data.outputs["manifest"]).read_text())["train_unigram_entropy_nats"]
     metrics = {f"final_{k}": float(v) for k, v in final.items() if isinstance(v, int | float)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from v3flow.section import Section
 from v3flow.stages.pretrain.schedule import ScheduleConfig
@@ -20,14 +20,17 @@ class GuardConfig(Section):
 
 
 class PretrainConfig(Section):
-    unhashed: ClassVar[frozenset[str]] = frozenset({"log_every", "keep_checkpoints", "figure_every", "launcher"})
+    unhashed: ClassVar[frozenset[str]] = frozenset(
+        {"log_every", "keep_checkpoints", "figure_every", "launcher", "accelerate_config"})
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     micro_batch: int = Field(1, gt=0, description="Sequences per process per forward pass.")
     num_processes: int = Field(1, gt=0, description="Data-parallel processes (DDP over gloo on CPU, NCCL on GPU).")
     launcher: Literal["torchrun", "accelerate"] = Field(
         "torchrun", description="How several processes start: torchrun (CPU and GPU) or `accelerate launch` "
         "with accelerate_config (FSDP2 and multi-node).")
-    accelerate_config: str | None = Field(None, description="accelerate config YAML (launcher: accelerate).")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config YAML for launcher: accelerate (relative: to the project), e.g. "
+        "configs/accelerate/fsdp2.yaml or ddp.yaml. Its num_processes is replaced by ours.")
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     eps: float = 1e-8
@@ -45,6 +48,13 @@ class PretrainConfig(Section):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     seed: int = 1234
     export_hf: bool = Field(True, description="Export the final checkpoint in the Hugging Face format.")
+
+    @model_validator(mode="after")
+    def _launcher_has_config(self) -> PretrainConfig:
+        if self.launcher == "accelerate" and not self.accelerate_config:
+            raise ValueError("pretrain.launcher=accelerate needs pretrain.accelerate_config (an accelerate config "
+                             "YAML, e.g. configs/accelerate/fsdp2.yaml)")
+        return self
 
 
 class PretrainStageConfig(Section):

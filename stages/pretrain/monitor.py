@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from v3flow import tracking
 from v3flow.model.moe import max_violation
 from v3flow.model.params import count_parameters
 
@@ -31,22 +30,29 @@ def training_flops_per_token(model, seq_len: int) -> float:
     return 6 * dense + attention
 
 
-def measured_peak_flops(dtype=torch.float32, n: int = 1024, reps: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def measured_peak_flops(device: torch.device | str = "cpu", reps: int = 8) -> float:
+    """FLOP/s of a large matrix product: fp32 1024^3 on CPU, bf16 8192^3 on a GPU (the usual MFU base)."""
+    gpu = torch.device(device).type == "cuda"
+    n, dtype = (8192, torch.bfloat16) if gpu else (1024, torch.float32)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, model, main: bool, seq_len: int):
+    def __init__(self, run_dir: Path, model, main: bool, seq_len: int, device: torch.device):
         self.main, self.model = main, model
         self.file = run_dir / "metrics.jsonl"
         self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID") or None
         self.flops_per_token = training_flops_per_token(model, seq_len)
-        self.peak = measured_peak_flops() if main else 1.0
+        self.peak = measured_peak_flops(device) if main else 1.0
         self.loads: list[torch.Tensor] = []
         self.window = (time.perf_counter(), 0)
         self.last: dict = {}
@@ -75,6 +81,8 @@ class Monitor:
     def log(self, step: int, metrics: dict) -> None:
         if self.main and self.run_id:
             finite = {k: float(v) for k, v in metrics.items() if isinstance(v, float | int) and v == v}
+            from v3flow import tracking  # imported only when logging: trainer processes need no MLflow otherwise
+
             tracking.log_metrics(self.uri, self.run_id, finite, step=step)
         if self.main and "val_loss" in metrics:
             print(f"[pretrain] step {step}: validation loss {metrics['val_loss']:.4f}", flush=True)
@@ -85,7 +93,7 @@ class Monitor:
             with open(self.file.with_name("events.log"), "a") as f:
                 f.write(f"{step}\t{text}\n")
             if self.run_id:
-                tracking.log_metrics(self.uri, self.run_id, {"guard_events": 1.0}, step=step)
+                self.log(step, {"guard_events": 1.0})
 
     def figure(self, step: int) -> None:
         if not (self.main and self.run_id and self.loads):
@@ -94,6 +102,8 @@ class Monitor:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from v3flow import tracking
 
         loads = torch.stack([x / x.float().mean().clamp(min=1e-9) for x in self.loads]).numpy()
         fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * len(loads)))

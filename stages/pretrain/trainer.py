@@ -49,6 +49,9 @@ class Trainer:
         self.cfg, self.model_cfg = PretrainConfig(**spec["pretrain"]), ModelConfig(**spec["model"])
         self.acc = Accelerator(cpu=not torch.cuda.is_available(),
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        if self.acc.num_processes != self.cfg.num_processes:
+            raise RuntimeError(f"pretrain.num_processes={self.cfg.num_processes} but the launcher started "
+                               f"{self.acc.num_processes} ({self.acc.distributed_type})")
         torch.manual_seed(self.cfg.seed)
         model = Transformer(self.model_cfg)
         model.init_weights()
@@ -59,11 +62,11 @@ class Trainer:
         self.val = PackedSequences(Path(spec["manifest"]), "val")
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
                       "rollbacks": 0, "lineage": spec["lineage"]}
-        self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len)
+        self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device)
         self.fired: set[int] = set()
         found = checkpoint.latest(run_dir / "checkpoints")
         if found:
-            self.state = checkpoint.load(found, self.raw, self.opt)
+            self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
             self.acc.print(f"[pretrain] resumed from {found.name} at step {self.state['step']}")
 
     # ---------------------------------------------------------------------------------------- one step
@@ -132,7 +135,7 @@ class Trainer:
         if found is None:
             raise RuntimeError(f"{self.cfg.guards.max_skips} bad steps in a row and no checkpoint to roll back to")
         keep = {k: self.state[k] for k in ("position", "skipped_total", "rollbacks")}
-        self.state = checkpoint.load(found, self.raw, self.opt)
+        self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
         self.state.update(keep, rollbacks=keep["rollbacks"] + 1, skips=0)  # skip past the bad data
         self.monitor.event(self.state["step"], f"rolled back to {found.name}")
 
@@ -163,25 +166,34 @@ class Trainer:
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
 
     @torch.no_grad()
-    def mtp_acceptance(self, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+    def mtp_acceptance(self, model: Transformer, prompts: int = 4, prompt_len: int = 32, new_tokens: int = 64) -> dict:
         """Self-speculative decoding on validation prompts: how often the MTP draft is the main model's token."""
         from v3flow.model.generate import speculative
 
-        self.raw.eval()
+        model.eval()
         drafted = accepted = passes = produced = 0
         n = min(prompts, self.val.size)
         length = min(prompt_len, self.val.seq_len - new_tokens - 2)
         for seq in self.val.rows(torch.arange(n).numpy()):
-            _, stats = speculative(self.raw, seq[None, :length].to(self.acc.device), new_tokens)
+            _, stats = speculative(model, seq[None, :length].to(self.acc.device), new_tokens)
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
             passes, produced = passes + stats.main_passes, produced + stats.tokens
         return {"mtp_acceptance_rate": accepted / max(drafted, 1), "mtp_tokens_per_pass": produced / max(passes, 1)}
 
     def save(self) -> None:
-        if self.acc.is_main_process:
-            checkpoint.save(self.run_dir / "checkpoints", self.state["step"], self.raw, self.opt,
-                            {k: v for k, v in self.state.items() if k != "step"}, self.cfg.keep_checkpoints)
+        checkpoint.save(self.run_dir / "checkpoints", self.state["step"], self.raw, self.opt.optimizer,
+                        {k: v for k, v in self.state.items() if k != "step"}, self.cfg.keep_checkpoints,
+                        write=self.acc.is_main_process)
         self.acc.wait_for_everyone()
+
+    def full_model(self) -> Transformer | None:
+        """An unsharded copy of the model on rank 0's CPU (collective; None on the other ranks)."""
+        weights = checkpoint.full_model_state(self.raw)
+        if not self.acc.is_main_process:
+            return None
+        model = Transformer(self.model_cfg)
+        model.load_state_dict(weights)
+        return model.to(self.acc.device)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -205,14 +217,15 @@ class Trainer:
             self.save()
         self.monitor.log(st["step"], final)
         self.monitor.figure(st["step"])
+        model = self.full_model()
         if self.acc.is_main_process:
             final.update(self.monitor.summary())
             if self.model_cfg.mtp_depth:
-                final.update(self.mtp_acceptance())
+                final.update(self.mtp_acceptance(model))
             if cfg.export_hf:
                 from v3flow.model.hf_format import export_hf
 
-                export_hf(self.raw, self.run_dir / "hf", Path(self.spec["tokenizer"]))
+                export_hf(model, self.run_dir / "hf", Path(self.spec["tokenizer"]))
             (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
         self.acc.wait_for_everyone()
         return final

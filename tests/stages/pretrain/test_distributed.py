@@ -1,17 +1,57 @@
-"""Two data-parallel processes (gloo on CPU) reach the loss of one process with the same global batch."""
+"""Data-parallel training (gloo on CPU) reaches the loss of one process with the same global batch, started
+by torchrun or by `accelerate launch` with the shipped accelerate config; a killed multi-process run resumes
+from the full checkpoint its processes gathered. (accelerate's FSDP2 config needs GPUs: refused on CPU.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+
 from tests.stages.pretrain.conftest import losses, write_run
-from v3flow.stages.pretrain import launch
+from v3flow.stages.pretrain import TrainingError, launch
+from v3flow.stages.pretrain.checkpoint import latest
+
+ROOT = Path(__file__).parents[3]
+TWO = ["pretrain.num_processes=2", "pretrain.micro_batch=2"]
 
 
-def test_two_processes_match_one(tmp_path, micro_data):
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(write_run(one, micro_data), one)
-    launch(write_run(two, micro_data, ["pretrain.num_processes=2", "pretrain.micro_batch=2"]), two)
-    a, b = losses(one), losses(two)
+def accelerate(name: str) -> list[str]:
+    return ["pretrain.launcher=accelerate", f"pretrain.accelerate_config={ROOT / 'configs/accelerate' / name}"]
+
+
+def assert_same_curve(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for step in a:
         assert abs(a[step]["loss"] - b[step]["loss"]) < 2e-3 * a[step]["loss"], (step, a[step], b[step])
-    assert b[max(b)]["batch_sequences"] == a[max(a)]["batch_sequences"]
+        assert a[step]["batch_sequences"] == b[step]["batch_sequences"], step
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, micro_data):
+    one = tmp_path_factory.mktemp("one")
+    launch(write_run(one, micro_data), one)
+    return losses(one)
+
+
+def test_two_torchrun_processes_match_one(tmp_path, micro_data, one_process):
+    launch(write_run(tmp_path, micro_data, TWO), tmp_path)
+    assert_same_curve(one_process, losses(tmp_path))
+
+
+def test_accelerate_launch_matches_one_process_and_resumes(tmp_path, micro_data, one_process):
+    cfg = write_run(tmp_path, micro_data, TWO + accelerate("ddp.yaml"))
+    with pytest.raises(TrainingError):
+        launch(cfg, tmp_path, env={"V3FLOW_FAULT_KILL_AT_STEP": "12"})  # dies after the step-10 checkpoint ...
+    assert latest(tmp_path / "checkpoints").name == "step_000010"
+    launch(cfg, tmp_path)  # ... and the restarted processes resume from it
+    assert_same_curve(one_process, losses(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs FSDP2")
+def test_fsdp2_config_is_refused_without_gpus(tmp_path, micro_data):
+    cfg = write_run(tmp_path, micro_data, TWO + accelerate("fsdp2.yaml"))
+    with pytest.raises(TrainingError, match="FSDP needs GPUs"):
+        launch(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
