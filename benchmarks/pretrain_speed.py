@@ -1,11 +1,14 @@
 """Pretraining throughput: tokens/s and MFU of a config's training step (tiny on CPU; small on a GPU).
 
-    .venv/bin/python benchmarks/pretrain_speed.py --config configs/tiny.yaml [--steps 25]
+    .venv/bin/python benchmarks/pretrain_speed.py --config configs/tiny.yaml [--steps 25] [--set k=v ...]
+    python benchmarks/pretrain_speed.py --config configs/small.yaml --manifest DIR/packed/manifest.json \
+        --tokenizer DIR/tokenizer --no-record --out small.json          (on a GPU machine without the servers)
 
-Uses the config's data stage output (from the content-addressed cache, or prepared first), runs the
-trainer at the full batch for --steps steps, and reports the median of the logged 5-step windows after
-the first (warm-up). MFU is model FLOPs/s over the measured peak of a 1024^3 fp32 matrix product on this
-machine. Results go to MLflow (experiment `v3flow-benchmarks`) and benchmarks/results/.
+Uses the config's data stage output (from the content-addressed cache, or prepared first; or --manifest),
+runs the trainer at the full batch for --steps steps, and reports the median of the logged 5-step windows
+after the first (warm-up). MFU is model FLOPs/s over the measured peak of a matrix product on the same
+device (fp32 1024^3 on CPU, bf16 8192^3 on a GPU). Results go to MLflow (experiment `v3flow-benchmarks`)
+and benchmarks/results/ unless --no-record; `benchmarks/record.py NAME FILE` records a --out file later.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from record import record
-
 from v3flow.config import load_config
-from v3flow.stage import StageResult
 
 
-def data_result(cfg) -> StageResult:
+def data_outputs(cfg, args) -> dict:
+    if args.manifest:
+        return {"manifest": args.manifest, "tokenizer": args.tokenizer}
     from v3flow.flows.pipeline import STAGES
     from v3flow.flows.runner import stage_key
+    from v3flow.stage import StageResult
     from v3flow.stages.data import run as run_data
 
     out = cfg.workdir_path() / "data" / stage_key(STAGES["data"], cfg, {})
-    return StageResult.load(out) or run_data(cfg.data, out, resolve=cfg.resolve)
+    return (StageResult.load(out) or run_data(cfg.data, out, resolve=cfg.resolve)).outputs
 
 
 def main() -> None:
@@ -40,9 +43,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--manifest", help="a packed-data manifest.json instead of the config's data stage")
+    ap.add_argument("--tokenizer", help="the tokenizer folder that goes with --manifest")
+    ap.add_argument("--out", help="also write the result to this JSON file")
+    ap.add_argument("--no-record", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
-    cfg = load_config(args.config)
-    data = data_result(cfg)
+    cfg = load_config(args.config, args.set)
+    data = data_outputs(cfg, args)
     s = cfg.pretrain.schedule
     schedule = s.model_copy(update={"total_tokens": args.steps * s.batch_end * cfg.data.packing.seq_len,
                                     "batch_start": s.batch_end, "warmup_steps": 1})
@@ -51,17 +59,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "run.json").write_text(json.dumps({
             "model": cfg.model.model_dump(mode="json"), "pretrain": pretrain.model_dump(mode="json"),
-            "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": {}}))
+            "manifest": data["manifest"], "tokenizer": data["tokenizer"], "lineage": {}}))
         launch(PretrainStageConfig(model=cfg.model, pretrain=pretrain), Path(tmp), env={"MLFLOW_RUN_ID": ""})
         windows = [r for r in map(json.loads, (Path(tmp) / "metrics.jsonl").read_text().splitlines())
                    if "tokens_per_s" in r][1:]
     summary = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
                "mfu": statistics.median(r["mfu"] for r in windows)}
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    print(f"{cfg.name}: {summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} "
+    import torch
+
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"{platform.machine()}, {os.cpu_count()} cores"
+    precision = cfg.pretrain.precision
+    print(f"{cfg.name} ({precision}): {summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} "
           f"(batch {s.batch_end} x {cfg.data.packing.seq_len}, {machine})")
-    record(f"pretrain_speed_{cfg.name}", summary, {"benchmark": "pretrain_speed", "machine": machine},
-           {"config": args.config, "steps": str(args.steps)})
+    tags = {"benchmark": "pretrain_speed", "machine": machine, "precision": precision}
+    params = {"config": args.config, "steps": str(args.steps), "overrides": " ".join(args.set)}
+    if args.out:
+        Path(args.out).write_text(json.dumps({**tags, **params, **summary}, indent=2))
+    if not args.no_record:
+        from record import record
+
+        record(f"pretrain_speed_{cfg.name}_{precision}", summary, tags, params)
 
 if __name__ == "__main__":
     main()

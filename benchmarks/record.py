@@ -21,3 +21,18 @@ def record(name: str, summary: dict, tags: dict, params: dict) -> str:
     (out / f"{name}.json").write_text(json.dumps({**tags, **params, **summary}, indent=2))
     print(f"logged to MLflow run {run_id} at {uri}")
     return run_id
+
+
+def main() -> None:
+    """`python benchmarks/record.py NAME RESULT.json`: record a result measured on another machine (a GPU
+    lent for the session, say): numbers become metrics, everything else tags."""
+    import sys
+
+    name, path = sys.argv[1:3]
+    data = json.loads(Path(path).read_text())
+    numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    record(name, numbers, {k: str(v) for k, v in data.items() if k not in numbers}, {})
+
+
+if __name__ == "__main__":
+    main()

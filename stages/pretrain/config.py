@@ -31,6 +31,11 @@ class PretrainConfig(Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config YAML for launcher: accelerate (relative: to the project), e.g. "
         "configs/accelerate/fsdp2.yaml or ddp.yaml. Its num_processes is replaced by ours.")
+    precision: Literal["fp8", "bf16", "fp32"] = Field(
+        "fp8", description="fp8: the report's FP8 GEMMs (1x128 / 128x128 scaling, v3flow/model/fp8.py) with BF16 "
+        "elsewhere; bf16: BF16 autocast; fp32: no mixed precision. Master weights and gradients stay FP32.")
+    moment_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Storage of the AdamW moments (the report: BF16).")
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     eps: float = 1e-8

@@ -27,19 +27,27 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.model.args import ModelConfig
+from v3flow.model.fp8 import convert_to_fp8
 from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain import checkpoint
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.stages.pretrain.data import PackedSequences
 from v3flow.stages.pretrain.monitor import Monitor
+from v3flow.stages.pretrain.optim import AdamW
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW (report: beta 0.9/0.95, weight decay 0.1); no decay on norms (1-D weights)."""
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> AdamW:
+    """AdamW (report: beta 0.9/0.95, weight decay 0.1, BF16 moments); no decay on norms (1-D weights)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+    return AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                 moment_dtype=getattr(torch, cfg.moment_dtype))
+
+
+def apply_precision(model: Transformer, precision: str) -> Transformer:
+    """fp8: FP8 GEMMs (fp8.py) and BF16 elsewhere; bf16: BF16 autocast; fp32: as is. Masters stay FP32."""
+    return convert_to_fp8(model) if precision == "fp8" else model
 
 
 class Trainer:
@@ -55,9 +63,10 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = Transformer(self.model_cfg)
         model.init_weights()
-        self.raw = model
+        self.raw = apply_precision(model, self.cfg.precision)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
+
         self.train = PackedSequences(Path(spec["manifest"]), "train")
         self.val = PackedSequences(Path(spec["manifest"]), "val")
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
@@ -68,6 +77,10 @@ class Trainer:
         if found:
             self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
             self.acc.print(f"[pretrain] resumed from {found.name} at step {self.state['step']}")
+
+    def autocast(self) -> torch.autocast:
+        """BF16 for what is not FP8 (fp8, bf16); nothing for fp32."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision != "fp32")
 
     # ---------------------------------------------------------------------------------------- one step
     def _weights(self, tokens: int) -> tuple[float, float, float]:
@@ -93,7 +106,8 @@ class Trainer:
             inputs, targets = self.train.inputs_targets(seqs.to(self.acc.device))
             sync = nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
             with sync:
-                out = self.model(inputs, targets, mtp_weight=lam, balance_alpha=alpha)
+                with self.autocast():
+                    out = self.model(inputs, targets, mtp_weight=lam, balance_alpha=alpha)
                 self.acc.backward(out.loss / len(micro))
             sums += torch.stack([out.lm_loss, out.mtp_loss, out.balance_loss]).float().cpu() / len(micro)
         losses = self.acc.reduce(sums.to(self.acc.device), "mean").cpu()
@@ -158,7 +172,8 @@ class Trainer:
         for i in range(min(self.cfg.eval_batches, math.ceil(self.val.size / self.cfg.micro_batch))):
             idx = torch.arange(i * self.cfg.micro_batch, min((i + 1) * self.cfg.micro_batch, self.val.size))
             inputs, targets = self.val.inputs_targets(self.val.rows(idx.numpy()).to(self.acc.device))
-            logits = self.raw(inputs)
+            with self.autocast():
+                logits = self.raw(inputs)
             valid = targets != IGNORE
             total += float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
             count += int(valid.sum())

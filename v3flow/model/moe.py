@@ -54,6 +54,9 @@ class Gate(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x, sorted by group, times that group's matrix. x: [M, K], w: [G, K, N], offsets: [G] ends."""
+    if torch.is_autocast_enabled(x.device.type):  # like F.linear: compute in the autocast dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
     if hasattr(torch, "_grouped_mm") and x.dtype in kernel_dtypes:
         return torch._grouped_mm(x, w, offs=offsets)
@@ -63,7 +66,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
 
 
 class Experts(nn.Module):
-    """The N_r routed SwiGLU experts, stored stacked: w1, w3 [N_r, inter, dim] and w2 [N_r, dim, inter]."""
+    """The N_r routed SwiGLU experts, stored stacked: w1, w3 [N_r, inter, dim] and w2 [N_r, dim, inter].
+    `matmul` is the grouped product; FP8 conversion (fp8.py) swaps it for its E4M3 version."""
+
+    matmul = staticmethod(grouped_mm)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,8 +85,8 @@ class Experts(nn.Module):
         token = order // k
         offsets = counts.cumsum(0).to(torch.int32)
         xs = x[token]  # [N * K_r, dim]
-        h = F.silu(grouped_mm(xs, self.w1.transpose(1, 2), offsets)) * grouped_mm(xs, self.w3.transpose(1, 2), offsets)
-        y = grouped_mm(h, self.w2.transpose(1, 2), offsets) * gates.flatten()[order, None]
+        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), offsets)) * self.matmul(xs, self.w3.transpose(1, 2), offsets)
+        y = self.matmul(h, self.w2.transpose(1, 2), offsets) * gates.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.type_as(x))
 
 

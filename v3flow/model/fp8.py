@@ -1,0 +1,255 @@
+"""FP8 training with fine-grained quantization (report §3.3, Appendix B), applied from outside the model.
+
+    activations, output gradients   1x128 tiles   (per token, per 128 channels along the GEMM's K)
+    weights                         128x128 blocks
+    scale per tile / block          s = amax / 448 (online, from the tile's own max |x|); q = e4m3(x / s)
+    products                        accumulated in FP32, each K-group of 128 rescaled by s_a * s_b
+
+All three GEMMs of a linear layer run in E4M3: Fprop y = x W^T, Dgrad dx = dy W, Wgrad dW = dy^T x. For
+Wgrad both operands are tiled along the tokens (128x1 tiles of dy and x), so the FP8 copy of x cached by
+the forward pass (in 1x128 tiles) is dequantized and re-tiled. Dimensions that are not multiples of 128
+are zero-padded (padding changes neither the amax of a tile nor a product). Master weights and weight
+gradients stay FP32; what the report keeps out of FP8 (embedding, output head, MoE gating, norms,
+attention core) is never converted.
+
+Two backends, one numerics: `emulated` dequantizes the FP8 values exactly (e4m3 x fp32 scale) and
+multiplies in FP32 (any device; the only one on CPU); `cuda` runs `torch.nn.functional.scaled_mm` with
+BlockWise1x128 x BlockWise128x128 scaling on Hopper, whose kernels promote to FP32 per 128-wide K group
+(report §3.3.2). The cuda backend is chosen automatically where a probe GEMM agrees with the emulation;
+GEMM pairs the hardware path lacks (Wgrad's 1x128 x 1x128, the routed experts' grouped GEMMs) use the
+emulation on the GPU too. `convert_to_fp8(model)` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v3flow.model.moe import Experts, grouped_mm
+
+E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+TILE = 128
+
+
+# ------------------------------------------------------------------------------------- quantization
+def _pad(x: torch.Tensor, dim: int, multiple: int = TILE) -> torch.Tensor:
+    extra = -x.shape[dim] % multiple
+    if not extra:
+        return x
+    pad = [0, 0] * (x.ndim - 1 - dim % x.ndim) + [0, extra]
+    return F.pad(x, pad)
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """FP32 scale mapping amax to the E4M3 maximum; an all-zero tile gets scale 1 (its values stay 0)."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _cast(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    # clamp before the cast: CPU casts saturate, other devices may not (REFERENCE-DETAIL §2.8)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 tiles along the last dim. x: [..., K] -> q: e4m3 [..., Kp], s: fp32 [..., Kp/128] (Kp: K padded)."""
+    g = _pad(x, -1).unflatten(-1, (-1, TILE))  # [..., Kp/128, 128]
+    s = _scale(g.abs().amax(-1))
+    return _cast(g, s[..., None]).flatten(-2), s
+
+
+def dequantize_tiles(q: torch.Tensor, s: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Inverse of quantize_tiles, in fp32, cut back to k columns."""
+    x = (q.float().unflatten(-1, (-1, TILE)) * s[..., None]).flatten(-2)
+    return x if k is None else x[..., :k]
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks over the last two dims. w: [..., N, K] -> q: e4m3 [..., Np, Kp], s: fp32 [..., Np/128, Kp/128]."""
+    p = _pad(_pad(w, -1), -2)
+    *lead, n, k = p.shape
+    g = p.reshape(*lead, n // TILE, TILE, k // TILE, TILE)
+    s = _scale(g.abs().amax(dim=(-3, -1)))  # [..., Np/128, Kp/128]
+    return _cast(g, s[..., :, None, :, None]).reshape(p.shape), s
+
+
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, shape: torch.Size | None = None) -> torch.Tensor:
+    *lead, n, k = q.shape
+    w = (q.float().reshape(*lead, n // TILE, TILE, k // TILE, TILE) * s[..., :, None, :, None]).reshape(q.shape)
+    return w if shape is None else w[..., : shape[-2], : shape[-1]]
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaling (one scale for everything): the coarse baseline the report improves on."""
+    s = _scale(x.abs().amax())
+    return _cast(x, s), s
+
+
+def fake_quantize(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """x through FP8 and back at `granularity` (tile | block | tensor), for error studies."""
+    if granularity == "tile":
+        return dequantize_tiles(*quantize_tiles(x), x.shape[-1])
+    if granularity == "block":
+        return dequantize_blocks(*quantize_blocks(x), x.shape)
+    q, s = quantize_tensor(x)
+    return q.float() * s
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+@functools.cache
+def cuda_blockwise_ok(device_index: int) -> bool:
+    """Whether F.scaled_mm runs 1x128 x 128x128 blockwise FP8 on this GPU and matches the emulation."""
+    if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        dev = torch.device("cuda", device_index)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        a, b = (torch.randn(256, 384, device=dev, generator=gen) for _ in range(2))
+        (aq, as_), (bq, bs) = quantize_tiles(a), quantize_blocks(b)
+        got = _scaled_mm_cuda(aq, as_, bq, bs, torch.float32)
+        want = _emulated(aq, as_, bq, bs, torch.float32)
+        return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _scaled_mm_cuda(aq, a_s, bq, b_s, out_dtype):
+    """a: [M, Kp] tiles 1x128 (scales [M, Kp/128]) @ b^T where b: [Np, Kp] in 128x128 blocks -> [M, Np]."""
+    return F.scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                       b_s.t(), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+
+
+def _emulated(aq, a_s, bq, b_s, out_dtype):
+    """The same product from exactly dequantized operands, accumulated in FP32."""
+    with torch.autocast(aq.device.type, enabled=False):
+        return (dequantize_tiles(aq, a_s) @ dequantize_blocks(bq, b_s).t()).to(out_dtype)
+
+
+def gemm_tiles_blocks(aq, a_s, bq, b_s, out_dtype=torch.float32, backend: str = "auto") -> torch.Tensor:
+    """a (1x128 tiles) @ b^T (128x128 blocks): [M, Kp] x [Np, Kp] -> [M, Np] in out_dtype."""
+    if backend == "cuda" or (backend == "auto" and aq.is_cuda and cuda_blockwise_ok(aq.device.index or 0)):
+        return _scaled_mm_cuda(aq, a_s, bq, b_s, out_dtype)
+    return _emulated(aq, a_s, bq, b_s, out_dtype)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """FP8 GEMMs return BF16 under BF16 autocast (as the report's), else the input's dtype."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        n, k = weight.shape
+        xq, xs = quantize_tiles(x.reshape(-1, k))  # [M, Kp]: cached in FP8 for backward (report §3.3.3)
+        wq, ws = quantize_blocks(weight)  # [Np, Kp]
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
+        return gemm_tiles_blocks(xq, xs, wq, ws, out_dtype)[:, :n].reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, wq, ws = ctx.saved_tensors
+        *lead, k = ctx.shape
+        n = dy.shape[-1]
+        dy = dy.reshape(-1, n)
+        with torch.autocast(dy.device.type, enabled=False):
+            # Dgrad: dx = dy W, dy in 1x128 tiles along N, W's 128x128 blocks read transposed
+            dyq, dys = quantize_tiles(dy)
+            dx = gemm_tiles_blocks(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), ctx.x_dtype)[:, :k]
+            # Wgrad: dW = dy^T x, both operands in 128x1 tiles (along the tokens), FP32 result
+            x = dequantize_tiles(xq, xs, k)
+            dw = dequantize_tiles(*quantize_tiles(dy.t())) @ dequantize_tiles(*quantize_tiles(x.t())).t()
+        return dx.reshape(*lead, k), dw[:n, :k], None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias) with all three GEMMs in E4M3."""
+    return _FP8Linear.apply(x, weight, _out_dtype(x))
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose GEMMs run in FP8 (weights stay FP32 masters). Same parameters, same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight)
+
+
+# ------------------------------------------------------------------------------ routed experts (grouped)
+def _group_tiles(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's 128-row tile index, restarting at every group so no tile spans two experts."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    ends = offsets.long()
+    group = torch.searchsorted(ends, rows, right=True)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    tiles_before = torch.cat([ends.new_zeros(1), ((ends - starts + TILE - 1) // TILE).cumsum(0)[:-1]])
+    return tiles_before[group] + (rows - starts[group]) // TILE, tiles_before[-1] + (ends[-1] - starts[-1] + TILE - 1) // TILE
+
+
+def fake_quantize_grouped_columns(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, C] through FP8 in 128x1 tiles (per channel, per 128 rows of the same group) and back."""
+    tile, count = _group_tiles(x, offsets)
+    amax = x.new_zeros(int(count), x.shape[1], dtype=torch.float32)
+    amax.scatter_reduce_(0, tile[:, None].expand_as(x), x.abs().float(), "amax")
+    s = _scale(amax)[tile]
+    return _cast(x, s).float() * s
+
+
+def _grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dW[g] = dy_g^T x_g for each group of rows: [M, N], [M, K] -> [G, N, K], in FP32."""
+    if x.device.type == "cpu" and x.shape[1] % 4 == 0 and dy.shape[1] % 4 == 0:
+        return torch._grouped_mm(dy.t(), x, offs=offsets)
+    ends = offsets.tolist()
+    return torch.stack([dy[s:e].t() @ x[s:e] for s, e in zip([0, *ends[:-1]], ends)])
+
+
+class _FP8GroupedMM(torch.autograd.Function):
+    """x [M, K] (rows sorted by group) times w[g]^T for each group g; w: [G, N, K] (master layout)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, out_dtype):
+        k = x.shape[-1]
+        xq, xs = quantize_tiles(x)
+        wq, ws = quantize_blocks(w)
+        ctx.save_for_backward(xq, xs, wq, ws, offsets)
+        ctx.k, ctx.x_dtype = k, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            wd = dequantize_blocks(wq, ws, w.shape)
+            return grouped_mm(dequantize_tiles(xq, xs, k), wd.transpose(1, 2), offsets).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, xs, wq, ws, offsets = ctx.saved_tensors
+        k, n = ctx.k, dy.shape[-1]
+        with torch.autocast(dy.device.type, enabled=False):
+            wd = dequantize_blocks(wq, ws)[:, :n, :k]  # [G, N, K]
+            dx = grouped_mm(dequantize_tiles(*quantize_tiles(dy), n), wd, offsets)
+            x = dequantize_tiles(xq, xs, k)
+            dyt = fake_quantize_grouped_columns(dy, offsets)
+            xt = fake_quantize_grouped_columns(x, offsets)
+            dw = _grouped_wgrad(dyt, xt, offsets)
+        return dx.to(ctx.x_dtype), dw, None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Drop-in for moe.grouped_mm(x, w.transpose(1, 2), offsets) with the experts' GEMMs in E4M3."""
+    return _FP8GroupedMM.apply(x, w_t.transpose(1, 2), offsets, _out_dtype(x))
+
+
+# ------------------------------------------------------------------------------------------ conversion
+HIGH_PRECISION = ("head",)  # the output head; embedding, gate and norms are not nn.Linear
+
+
+def convert_to_fp8(model: nn.Module) -> nn.Module:
+    """Every linear layer but the output head becomes FP8Linear and routed experts use FP8 grouped GEMMs,
+    in place; parameters (and so checkpoints and state dicts) are unchanged."""
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in HIGH_PRECISION:
+            module.__class__ = FP8Linear
+        elif isinstance(module, Experts):
+            module.matmul = fp8_grouped_mm
+    return model
