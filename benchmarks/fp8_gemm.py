@@ -6,7 +6,9 @@ Shapes are DeepSeek-V3's: an expert's up/gate projection (7168 -> 2048) and down
 7168), the dense layers' FFN (7168 -> 18432 and back), as y = x W^T with x [tokens, K]. For each it
 times (a) the BF16 product, (b) the FP8 product of already-quantized operands (torch scaled_mm), and
 (c) FP8 with the online quantization of the activations included (weights quantized once, as a training
-step does per micro-batch). Median of CUDA-event timings after warm-up. Results go to MLflow (experiment
+step does per micro-batch), and (d) a whole linear layer's forward + backward (three GEMMs, all
+quantization included): FP8Linear against nn.Linear under BF16 autocast. Median of CUDA-event timings
+after warm-up. Results go to MLflow (experiment
 `v3flow-benchmarks`) unless --no-record, and to --out.
 """
 
@@ -51,6 +53,19 @@ def bench(tokens: int, k: int, n: int) -> dict:
     out = {f"{name}_tflops": flop / t / 1e9 for name, t in ms.items()}
     out["speedup"] = ms["bf16"] / ms["fp8"]
     out["speedup_with_quant"] = ms["bf16"] / ms["fp8_with_quant"]
+    layer = {}
+    for name, cls in (("bf16", torch.nn.Linear), ("fp8", fp8.FP8Linear)):
+        lin = cls(k, n, bias=False, device="cuda")
+        xl = x.float().requires_grad_()
+
+        def step(lin=lin, xl=xl):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = lin(xl)
+            y.backward(torch.ones_like(y))
+
+        layer[name] = timed(step, reps=10)
+    out["layer_bf16_ms"], out["layer_fp8_ms"] = layer["bf16"], layer["fp8"]
+    out["layer_speedup"] = layer["bf16"] / layer["fp8"]
     return out
 
 
@@ -67,7 +82,8 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         r = bench(args.tokens, k, n)
         print(f"{name:24s} bf16 {r['bf16_tflops']:6.0f} TFLOP/s  fp8 {r['fp8_tflops']:6.0f} ({r['speedup']:.2f}x)  "
-              f"fp8 + quantize {r['fp8_with_quant_tflops']:6.0f} ({r['speedup_with_quant']:.2f}x)")
+              f"fp8 + quantize {r['fp8_with_quant_tflops']:6.0f} ({r['speedup_with_quant']:.2f}x)  "
+              f"layer fwd+bwd {r['layer_bf16_ms']:.2f} vs {r['layer_fp8_ms']:.2f} ms ({r['layer_speedup']:.2f}x)")
         key = name.split()[0]
         summary.update({f"{key}_{m}": v for m, v in r.items()})
     tags = {"benchmark": "fp8_gemm", "device": device, "torch": torch.__version__}

@@ -9,12 +9,15 @@ from pathlib import Path
 from v3flow import servers, tracking
 
 
-def record(name: str, summary: dict, tags: dict, params: dict) -> str:
-    """Log `summary` as metrics of a new benchmark run (the local MLflow server is started when no
-    MLFLOW_TRACKING_URI is set) and write it, with the tags, to benchmarks/results/NAME.json."""
+def record(name: str, summary: dict, tags: dict, params: dict, figures: dict | None = None) -> str:
+    """Log `summary` as metrics of a new benchmark run, with `figures` ({file name: matplotlib figure}),
+    (the local MLflow server is started when no MLFLOW_TRACKING_URI is set) and write it, with the tags,
+    to benchmarks/results/NAME.json."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or servers.start(servers.MLFLOW)
     run_id = tracking.start_run(uri, "v3flow-benchmarks", name, tags, params)
     tracking.log_metrics(uri, run_id, summary)
+    for file_name, fig in (figures or {}).items():
+        tracking.log_figure(uri, run_id, fig, file_name)
     tracking.end_run(uri, run_id)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -23,12 +23,14 @@ emulation on the GPU too. `convert_to_fp8(model)` is the one entry point.
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v3flow.model.moe import Experts, grouped_mm
+from v3flow.model.moe import Experts
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -51,10 +53,32 @@ def _scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _cast(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # clamp before the cast: CPU casts saturate, other devices may not (REFERENCE-DETAIL §2.8)
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    # clamp before the cast: CPU casts saturate, other devices may not (REFERENCE-DETAIL §2.8);
+    # row-major out whatever the input's strides (elementwise ops keep a transposed input's layout)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(E4M3).contiguous()
 
 
+def _fused_on_gpu(fn):
+    """On CUDA run `fn` through torch.compile, which fuses the amax, scale, divide, clamp and cast into a
+    few kernels instead of one pass over memory each; CPU (and any compile failure) runs it eagerly."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor):
+        nonlocal compiled
+        if x.is_cuda and compiled is not False:
+            try:
+                compiled = compiled or torch.compile(fn, dynamic=True)
+                return compiled(x)
+            except Exception as err:  # noqa: BLE001 - no working compiler here: the eager ops, same arithmetic
+                compiled = False
+                warnings.warn(f"FP8 quantization runs eagerly: torch.compile failed ({err})", stacklevel=2)
+        return fn(x)
+
+    return run
+
+
+@_fused_on_gpu
 def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1x128 tiles along the last dim. x: [..., K] -> q: e4m3 [..., Kp], s: fp32 [..., Kp/128] (Kp: K padded)."""
     g = _pad(x, -1).unflatten(-1, (-1, TILE))  # [..., Kp/128, 128]
@@ -68,6 +92,7 @@ def dequantize_tiles(q: torch.Tensor, s: torch.Tensor, k: int | None = None) -> 
     return x if k is None else x[..., :k]
 
 
+@_fused_on_gpu
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 blocks over the last two dims. w: [..., N, K] -> q: e4m3 [..., Np, Kp], s: fp32 [..., Np/128, Kp/128]."""
     p = _pad(_pad(w, -1), -2)
@@ -102,38 +127,57 @@ def fake_quantize(x: torch.Tensor, granularity: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- GEMMs
 @functools.cache
 def cuda_blockwise_ok(device_index: int) -> bool:
-    """Whether F.scaled_mm runs 1x128 x 128x128 blockwise FP8 on this GPU and matches the emulation."""
+    """Whether F.scaled_mm runs the blockwise recipes on this GPU (Hopper) and matches the emulation."""
     if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability(device_index) != (9, 0):
         return False
     try:
         dev = torch.device("cuda", device_index)
         gen = torch.Generator(device=dev).manual_seed(0)
         a, b = (torch.randn(256, 384, device=dev, generator=gen) for _ in range(2))
-        (aq, as_), (bq, bs) = quantize_tiles(a), quantize_blocks(b)
-        got = _scaled_mm_cuda(aq, as_, bq, bs, torch.float32)
-        want = _emulated(aq, as_, bq, bs, torch.float32)
-        return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3))
-    except (RuntimeError, NotImplementedError):
+        (aq, a_s), (bq, b_s), (tq, t_s) = quantize_tiles(a), quantize_blocks(b), quantize_tiles(b)
+        pairs = [(_scaled_mm_cuda(aq, a_s, bq, b_s, torch.float32), _emulated(aq, a_s, bq, b_s, torch.float32)),
+                 (_scaled_mm_cuda(aq, a_s, tq, t_s, torch.float32, blocks=False),
+                  _emulated(aq, a_s, tq, t_s, torch.float32, blocks=False))]
+        return all(float((got - want).abs().max() / want.abs().max()) < 1e-3 for got, want in pairs)
+    except Exception:  # noqa: BLE001 - any failure of the probe means: use the emulation
         return False
 
 
-def _scaled_mm_cuda(aq, a_s, bq, b_s, out_dtype):
-    """a: [M, Kp] tiles 1x128 (scales [M, Kp/128]) @ b^T where b: [Np, Kp] in 128x128 blocks -> [M, Np]."""
-    return F.scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), F.ScalingType.BlockWise1x128,
-                       b_s.t(), F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+def _scaled_mm_cuda(aq, a_s, bq, b_s, out_dtype, blocks: bool = True):
+    """a [M, Kp] in 1x128 tiles @ b^T, b [Np, Kp] in 128x128 blocks (blocks) or 1x128 tiles -> [M, Np].
+
+    cuBLASLt's layouts: a's scales (M, Kp/128) column-major; block scales (round_up(Kp/128, 4), Np/128)
+    with strides (1, that round-up); tile scales of b (Np, Kp/128) column-major. M and Np must be
+    multiples of 16 (the callers pad rows with zeros before quantizing)."""
+    if blocks:
+        b_scale, kind = F.pad(b_s, (0, -b_s.shape[1] % 4)).t(), F.ScalingType.BlockWise128x128
+    else:
+        b_scale, kind = b_s.t().contiguous().t(), F.ScalingType.BlockWise1x128
+    return F.scaled_mm(aq, bq.t(), a_s.t().contiguous().t(), F.ScalingType.BlockWise1x128, b_scale, kind,
+                       output_dtype=out_dtype)
 
 
-def _emulated(aq, a_s, bq, b_s, out_dtype):
+def _emulated(aq, a_s, bq, b_s, out_dtype, blocks: bool = True):
     """The same product from exactly dequantized operands, accumulated in FP32."""
+    b = dequantize_blocks(bq, b_s) if blocks else dequantize_tiles(bq, b_s)
     with torch.autocast(aq.device.type, enabled=False):
-        return (dequantize_tiles(aq, a_s) @ dequantize_blocks(bq, b_s).t()).to(out_dtype)
+        return (dequantize_tiles(aq, a_s) @ b.t()).to(out_dtype)
+
+
+def _use_cuda(q: torch.Tensor, backend: str) -> bool:
+    return backend == "cuda" or (backend == "auto" and q.is_cuda and cuda_blockwise_ok(q.device.index or 0))
 
 
 def gemm_tiles_blocks(aq, a_s, bq, b_s, out_dtype=torch.float32, backend: str = "auto") -> torch.Tensor:
-    """a (1x128 tiles) @ b^T (128x128 blocks): [M, Kp] x [Np, Kp] -> [M, Np] in out_dtype."""
-    if backend == "cuda" or (backend == "auto" and aq.is_cuda and cuda_blockwise_ok(aq.device.index or 0)):
-        return _scaled_mm_cuda(aq, a_s, bq, b_s, out_dtype)
-    return _emulated(aq, a_s, bq, b_s, out_dtype)
+    """a (1x128 tiles) @ b^T (128x128 blocks): [M, Kp] x [Np, Kp] -> [M, Np] in out_dtype (Fprop, Dgrad)."""
+    gemm = _scaled_mm_cuda if _use_cuda(aq, backend) else _emulated
+    return gemm(aq, a_s, bq, b_s, out_dtype)
+
+
+def gemm_tiles_tiles(aq, a_s, bq, b_s, out_dtype=torch.float32, backend: str = "auto") -> torch.Tensor:
+    """a @ b^T with both in 1x128 tiles along K: [M, Kp] x [N, Kp] -> [M, N] (Wgrad, K = the tokens)."""
+    gemm = _scaled_mm_cuda if _use_cuda(aq, backend) else _emulated
+    return gemm(aq, a_s, bq, b_s, out_dtype, blocks=False)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -145,26 +189,29 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         n, k = weight.shape
-        xq, xs = quantize_tiles(x.reshape(-1, k))  # [M, Kp]: cached in FP8 for backward (report §3.3.3)
+        x2 = x.reshape(-1, k)
+        # rows padded to a multiple of 16 (cuBLASLt; zero rows quantize to zero and add nothing)
+        xq, xs = quantize_tiles(_pad(x2, 0, 16))  # [M16, Kp]: cached in FP8 for backward (report §3.3.3)
         wq, ws = quantize_blocks(weight)  # [Np, Kp]
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.shape, ctx.x_dtype = x.shape, x.dtype
-        return gemm_tiles_blocks(xq, xs, wq, ws, out_dtype)[:, :n].reshape(*x.shape[:-1], n)
+        return gemm_tiles_blocks(xq, xs, wq, ws, out_dtype)[: x2.shape[0], :n].reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         xq, xs, wq, ws = ctx.saved_tensors
         *lead, k = ctx.shape
         n = dy.shape[-1]
-        dy = dy.reshape(-1, n)
+        dy = _pad(dy.reshape(-1, n), 0, 16)  # [M16, N], as x's rows
         with torch.autocast(dy.device.type, enabled=False):
             # Dgrad: dx = dy W, dy in 1x128 tiles along N, W's 128x128 blocks read transposed
             dyq, dys = quantize_tiles(dy)
-            dx = gemm_tiles_blocks(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), ctx.x_dtype)[:, :k]
+            dx = gemm_tiles_blocks(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), ctx.x_dtype)
             # Wgrad: dW = dy^T x, both operands in 128x1 tiles (along the tokens), FP32 result
             x = dequantize_tiles(xq, xs, k)
-            dw = dequantize_tiles(*quantize_tiles(dy.t())) @ dequantize_tiles(*quantize_tiles(x.t())).t()
-        return dx.reshape(*lead, k), dw[:n, :k], None
+            dw = gemm_tiles_tiles(*quantize_tiles(_pad(dy.t(), 0, 16)), *quantize_tiles(_pad(x.t(), 0, 16)))
+        m = math.prod(lead)
+        return dx[:m, :k].reshape(*lead, k), dw[:n, :k], None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -199,12 +246,16 @@ def fake_quantize_grouped_columns(x: torch.Tensor, offsets: torch.Tensor) -> tor
     return _cast(x, s).float() * s
 
 
-def _grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """dW[g] = dy_g^T x_g for each group of rows: [M, N], [M, K] -> [G, N, K], in FP32."""
-    if x.device.type == "cpu" and x.shape[1] % 4 == 0 and dy.shape[1] % 4 == 0:
-        return torch._grouped_mm(dy.t(), x, offs=offsets)
+def _grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped product of dequantized FP8 operands, FP32 out. [M, K] x [G, K, N] (or [N, M] x [M, K] for
+    Wgrad). On CPU in FP32; on CUDA through the BF16 grouped kernel (PyTorch has no blockwise-FP8 grouped
+    GEMM): a dequantized E4M3 value rounded to BF16 moves by at most 2^-9 relative, FP32 accumulation."""
+    if a.is_cuda:
+        return torch._grouped_mm(a.bfloat16(), b.bfloat16(), offs=offsets).float()
+    if b.ndim == 3 or (a.shape[1] % 4 == 0 and b.shape[1] % 4 == 0):
+        return torch._grouped_mm(a, b, offs=offsets)
     ends = offsets.tolist()
-    return torch.stack([dy[s:e].t() @ x[s:e] for s, e in zip([0, *ends[:-1]], ends)])
+    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip([0, *ends[:-1]], ends)])
 
 
 class _FP8GroupedMM(torch.autograd.Function):
@@ -219,7 +270,7 @@ class _FP8GroupedMM(torch.autograd.Function):
         ctx.k, ctx.x_dtype = k, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             wd = dequantize_blocks(wq, ws, w.shape)
-            return grouped_mm(dequantize_tiles(xq, xs, k), wd.transpose(1, 2), offsets).to(out_dtype)
+            return _grouped(dequantize_tiles(xq, xs, k), wd.transpose(1, 2), offsets).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -227,11 +278,11 @@ class _FP8GroupedMM(torch.autograd.Function):
         k, n = ctx.k, dy.shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
             wd = dequantize_blocks(wq, ws)[:, :n, :k]  # [G, N, K]
-            dx = grouped_mm(dequantize_tiles(*quantize_tiles(dy), n), wd, offsets)
+            dx = _grouped(dequantize_tiles(*quantize_tiles(dy), n), wd, offsets)
             x = dequantize_tiles(xq, xs, k)
             dyt = fake_quantize_grouped_columns(dy, offsets)
             xt = fake_quantize_grouped_columns(x, offsets)
-            dw = _grouped_wgrad(dyt, xt, offsets)
+            dw = _grouped(dyt.t(), xt, offsets)  # dW[g] = dy_g^T x_g
         return dx.to(ctx.x_dtype), dw, None, None
 
 
