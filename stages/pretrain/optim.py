@@ -37,7 +37,7 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self._state(p)
-                st["step"] += 1
+                st["step"] = st["step"] + 1  # a new tensor: a loaded state dict may share the old one
                 t = float(st["step"])
                 g = p.grad.float()
                 m = st["exp_avg"].float().lerp_(g, 1 - b1)
