@@ -15,18 +15,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
+from study import run_pretrain, write_table
+
 MODES = ("aux_free", "aux_loss", "none")
-
-
-def run_variant(config: str, mode: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "v3flow.cli", "run", config, "--stages", "pretrain", "--json",
-           "--set", f"pretrain.balancing={mode}", *sum((["--set", e] for e in extra), [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["pretrain"]
 
 
 def late_maxvio(metrics_file: Path, share: float = 0.3) -> float:
@@ -43,16 +36,14 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for mode in MODES:
-        result = run_variant(args.config, mode, args.overrides)
+        result = run_pretrain(args.config, [f"pretrain.balancing={mode}", *args.overrides])
         out = Path(result["out_dir"])
         m = result["metrics"]
         rows.append((mode, late_maxvio(out / "metrics.jsonl"), m["final_val_loss"], result["mlflow_run_id"]))
         print(f"{mode:9s} MaxVio {rows[-1][1]:.3f}  val loss {rows[-1][2]:.4f}", flush=True)
     table = ["| balancing | MaxVio (last 30 % of steps) | final validation loss | MLflow run |", "|---|---|---|---|"]
     table += [f"| {mode} | {mv:.3f} | {vl:.4f} | `{rid}` |" for mode, mv, vl, rid in rows]
-    print("\n".join(table))
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/study_balancing.md").write_text("\n".join(table) + "\n")
+    write_table("study_balancing", table)
 
 
 if __name__ == "__main__":

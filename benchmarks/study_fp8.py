@@ -20,21 +20,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from study import run_pretrain, write_table
 
 PRECISIONS = ("fp8", "bf16")
-
-
-def run_variant(config: str, precision: str, extra: list[str]) -> dict:
-    sets = [arg for e in extra for arg in ("--set", e)]
-    cmd = [sys.executable, "-m", "v3flow.cli", "run", config, "--stages", "pretrain", "--json",
-           "--set", f"pretrain.precision={precision}", *sets]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["pretrain"]
 
 
 def curve(out_dir: Path) -> dict[int, float]:
@@ -54,12 +45,12 @@ OUTLIER_FACTORS = (1, 10, 100, 1000, 10000, 100000)  # 1: the activations as the
 def layer_inputs(out_dir: Path, batches: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The real inputs [tokens, K] and the weights of every FP8 linear layer of the trained model."""
     from safetensors.torch import load_file
+    from v3flow.stages.pretrain.checkpoint import latest
+    from v3flow.stages.pretrain.data import PackedSequences
 
     from v3flow.model.args import ModelConfig
     from v3flow.model.fp8 import FP8Linear, convert_to_fp8
     from v3flow.model.transformer import Transformer
-    from v3flow.stages.pretrain.checkpoint import latest
-    from v3flow.stages.pretrain.data import PackedSequences
 
     spec = json.loads((out_dir / "run.json").read_text())
     model = Transformer(ModelConfig(**spec["model"]))
@@ -141,7 +132,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    results = {p: run_variant(args.config, p, args.overrides) for p in PRECISIONS}
+    results = {p: run_pretrain(args.config, [f"pretrain.precision={p}", *args.overrides]) for p in PRECISIONS}
     curves = {p: curve(Path(r["out_dir"])) for p, r in results.items()}
     summary = {}
     for p, r in results.items():
@@ -174,9 +165,7 @@ def main() -> None:
         table.append(f"| activations, {label} | {tile:.4f} | {block:.4f} | {tensor:.4f} | {tensor / tile:.2f}x |")
     table.append(f"| weights | | {summary['weight_block_rel_error']:.4f} | {summary['weight_tensor_rel_error']:.4f} "
                  f"| |")
-    print("\n".join(table))
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/study_fp8.md").write_text("\n".join(table) + "\n")
+    write_table("study_fp8", table)
 
 
 if __name__ == "__main__":

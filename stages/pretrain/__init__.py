@@ -40,8 +40,8 @@ def _command(cfg: PretrainStageConfig, run_dir: Path, resolve=Path) -> list[str]
     if p.num_processes == 1:
         return [sys.executable, *module]
     if p.launcher == "accelerate":  # (not --cpu: it collapses the processes into one; the trainer picks gloo)
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve(p.accelerate_config)),
-                "--num_processes", str(p.num_processes), *module]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.num_processes),
+                "--config_file", str(resolve(p.accelerate_config)), *module]
     with socket.socket() as s:  # a free rendezvous port on this machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -71,8 +71,8 @@ def launch(cfg: PretrainStageConfig, run_dir: Path, env: dict | None = None, res
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if cfg.pretrain.num_processes > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.pretrain.num_processes)))
-    proc = subprocess.Popen(_command(cfg, run_dir, resolve), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(_command(cfg, run_dir, resolve), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)
     try:
         for line in proc.stdout:
@@ -105,7 +105,8 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     hf = out_dir / "hf"
     result = StageResult(
         stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
-        outputs={"checkpoints": str(out_dir / "checkpoints"), "hf": str(hf), "metrics": str(out_dir / "metrics.jsonl")},
+        outputs={"checkpoints": str(out_dir / "checkpoints"), "hf": str(hf),
+                 "metrics": str(out_dir / "metrics.jsonl")},
         metrics=metrics, params={f"lineage.{k}": v for k, v in lineage.items()},
         artifacts=[str(out_dir / "metrics.jsonl"), str(out_dir / "run.json")] + ([str(hf)] if hf.is_dir() else []),
     )

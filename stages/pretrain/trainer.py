@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+
+from v3flow.model.args import ModelConfig
+from v3flow.model.fp8 import convert_to_fp8
+from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain import checkpoint
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.stages.pretrain.data import PackedSequences
 from v3flow.stages.pretrain.monitor import Monitor
 from v3flow.stages.pretrain.optim import AdamW
-
-from v3flow.model.args import ModelConfig
-from v3flow.model.fp8 import convert_to_fp8
-from v3flow.model.transformer import IGNORE, Transformer
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> AdamW:
@@ -66,7 +66,6 @@ class Trainer:
         self.raw = apply_precision(model, self.cfg.precision)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
-
         self.train = PackedSequences(Path(spec["manifest"]), "train")
         self.val = PackedSequences(Path(spec["manifest"]), "val")
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
@@ -202,7 +201,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def full_model(self) -> Transformer | None:
-        """An unsharded copy of the model on rank 0's CPU (collective; None on the other ranks)."""
+        """An unsharded copy of the model on rank 0 (collective; None on the other ranks), for decoding and export."""
         weights = checkpoint.full_model_state(self.raw)
         if not self.acc.is_main_process:
             return None

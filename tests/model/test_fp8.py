@@ -146,7 +146,8 @@ def test_cuda_backend_matches_emulation():
     assert fp8.cuda_blockwise_ok(0), "blockwise scaled_mm unavailable on this GPU"
     for m, k, n in ((256, 512, 384), (100, 300, 130), (4096, 7168, 2048)):
         a, b = outliers(m, k).cuda(), (outliers(n, k, seed=2) * 0.02).cuda()
-        for quantize_b, gemm in ((fp8.quantize_blocks, fp8.gemm_tiles_blocks), (fp8.quantize_tiles, fp8.gemm_tiles_tiles)):
+        recipes = ((fp8.quantize_blocks, fp8.gemm_tiles_blocks), (fp8.quantize_tiles, fp8.gemm_tiles_tiles))
+        for quantize_b, gemm in recipes:
             (aq, a_s), (bq, b_s) = fp8.quantize_tiles(fp8._pad(a, 0, 16)), quantize_b(fp8._pad(b, 0, 16))
             got = gemm(aq, a_s, bq, b_s, backend="cuda")
             want = gemm(aq, a_s, bq, b_s, backend="emulated")

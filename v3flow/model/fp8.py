@@ -94,7 +94,7 @@ def dequantize_tiles(q: torch.Tensor, s: torch.Tensor, k: int | None = None) -> 
 
 @_fused_on_gpu
 def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 blocks over the last two dims. w: [..., N, K] -> q: e4m3 [..., Np, Kp], s: fp32 [..., Np/128, Kp/128]."""
+    """128x128 blocks over the last two dims. w: [..., N, K] -> q: e4m3 [..., Np, Kp], s: [..., Np/128, Kp/128]."""
     p = _pad(_pad(w, -1), -2)
     *lead, n, k = p.shape
     g = p.reshape(*lead, n // TILE, TILE, k // TILE, TILE)
@@ -228,13 +228,14 @@ class FP8Linear(nn.Linear):
 
 # ------------------------------------------------------------------------------ routed experts (grouped)
 def _group_tiles(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's 128-row tile index, restarting at every group so no tile spans two experts."""
+    """Each row's 128-row tile index, restarting at every group so no tile spans two experts; and the count."""
     rows = torch.arange(x.shape[0], device=x.device)
     ends = offsets.long()
     group = torch.searchsorted(ends, rows, right=True)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles_before = torch.cat([ends.new_zeros(1), ((ends - starts + TILE - 1) // TILE).cumsum(0)[:-1]])
-    return tiles_before[group] + (rows - starts[group]) // TILE, tiles_before[-1] + (ends[-1] - starts[-1] + TILE - 1) // TILE
+    tiles = (ends - starts + TILE - 1) // TILE  # per group
+    first = torch.cat([ends.new_zeros(1), tiles.cumsum(0)[:-1]])
+    return first[group] + (rows - starts[group]) // TILE, tiles.sum()
 
 
 def fake_quantize_grouped_columns(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -252,7 +253,7 @@ def _grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.T
     GEMM): a dequantized E4M3 value rounded to BF16 moves by at most 2^-9 relative, FP32 accumulation."""
     if a.is_cuda:
         return torch._grouped_mm(a.bfloat16(), b.bfloat16(), offs=offsets).float()
-    if b.ndim == 3 or (a.shape[1] % 4 == 0 and b.shape[1] % 4 == 0):
+    if all(step % 4 == 0 for t in (a, b) for step in t.stride() if step != 1):  # the kernel's 16-byte rule
         return torch._grouped_mm(a, b, offs=offsets)
     ends = offsets.tolist()
     return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip([0, *ends[:-1]], ends)])
