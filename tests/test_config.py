@@ -49,10 +49,19 @@ def test_wrong_type_names_value(tmp_path):
     ("data.packing.val_fraction=1.5", "data.packing.val_fraction"),
     ("data.minhash.bands=0", "data.minhash.bands"),
     ("data.sources.0.kind=jsonl", "needs a `path`"),
+    ("pretrain.launcher=accelerate", "needs pretrain.accelerate_config"),
+    ("pretrain.precision=fp4", r"pretrain.precision: .*'fp8', 'bf16' or 'fp32'"),
 ])
 def test_impossible_combinations(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [override])
+
+
+def test_missing_accelerate_config_file_is_named():
+    with pytest.raises(ConfigError, match=r"pretrain.accelerate_config='configs/accelerate/nope.yaml': no such file"):
+        load_config(TINY, ["pretrain.launcher=accelerate", "pretrain.accelerate_config=configs/accelerate/nope.yaml"])
+    cfg = load_config(TINY, ["pretrain.launcher=accelerate", "pretrain.accelerate_config=configs/accelerate/ddp.yaml"])
+    assert cfg.resolve(cfg.pretrain.accelerate_config).is_file()
 
 
 def test_overrides_parse_yaml_values_and_index_lists():
