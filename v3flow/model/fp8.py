@@ -13,11 +13,11 @@ gradients stay FP32; what the report keeps out of FP8 (embedding, output head, M
 attention core) is never converted.
 
 Two backends, one numerics: `emulated` dequantizes the FP8 values exactly (e4m3 x fp32 scale) and
-multiplies in FP32 (any device; the only one on CPU); `cuda` runs `torch.nn.functional.scaled_mm` with
-BlockWise1x128 x BlockWise128x128 scaling on Hopper, whose kernels promote to FP32 per 128-wide K group
-(report §3.3.2). The cuda backend is chosen automatically where a probe GEMM agrees with the emulation;
-GEMM pairs the hardware path lacks (Wgrad's 1x128 x 1x128, the routed experts' grouped GEMMs) use the
-emulation on the GPU too. `convert_to_fp8(model)` is the one entry point.
+multiplies in FP32 (any device; the only one on CPU); `cuda` runs `torch.nn.functional.scaled_mm` on
+Hopper with BlockWise1x128 x BlockWise128x128 scaling (Fprop, Dgrad) and 1x128 x 1x128 (Wgrad), whose
+kernels promote to FP32 per 128-wide K group (report §3.3.2). The cuda backend is chosen automatically
+where a probe GEMM agrees with the emulation. The routed experts' grouped GEMMs, which PyTorch cannot
+run in blockwise FP8, use the emulation on the GPU too. `convert_to_fp8(model)` is the one entry point.
 """
 
 from __future__ import annotations
