@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from study import run_pretrain, write_table
 
+from v3flow.model.fp8 import fake_quantize
+
 PRECISIONS = ("fp8", "bf16")
 
 
@@ -69,8 +71,6 @@ def layer_inputs(out_dir: Path, batches: int = 2) -> tuple[list[torch.Tensor], l
 
 def token_error(x: torch.Tensor, granularity: str, keep: torch.Tensor) -> float:
     """Mean over tokens of ||x_t - deq(q(x_t))|| / ||x_t||, over the channels in `keep` (the ordinary ones)."""
-    from v3flow.model.fp8 import fake_quantize
-
     err = (fake_quantize(x, granularity) - x)[:, keep].norm(dim=1)
     return float((err / x[:, keep].norm(dim=1).clamp(min=1e-30)).mean())
 
@@ -80,8 +80,6 @@ def quantization_errors(out_dir: Path) -> tuple[dict[str, float], dict[str, list
     """E4M3 error of 1x128 tiles, 128x128 blocks and one per-tensor scale on the real layer inputs, as they
     are and with one channel scaled by 10..10^5, the massive activations large LLMs develop; the error is
     measured on the other channels, the ones an outlier's scale squeezes towards FP8's subnormals."""
-    from v3flow.model.fp8 import fake_quantize
-
     inputs, weights = layer_inputs(out_dir)
     out, sweep = {}, {g: [] for g in ("tile", "block", "tensor")}
     for f in OUTLIER_FACTORS:
