@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections import deque
@@ -42,11 +41,9 @@ def _command(cfg: PretrainStageConfig, run_dir: Path, resolve=Path) -> list[str]
     if p.launcher == "accelerate":  # (not --cpu: it collapses the processes into one; the trainer picks gloo)
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.num_processes),
                 "--config_file", str(resolve(p.accelerate_config)), *module]
-    with socket.socket() as s:  # a free rendezvous port on this machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={p.num_processes}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", *module]
+    # --standalone: torchrun binds its own free loopback rendezvous port (no pick-then-bind race)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.num_processes}",
+            *module]
 
 
 def check_launcher(cfg: PretrainStageConfig, resolve=Path) -> None:

@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 
 def test_sharded_checkpoint_gathers_and_resumes_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={free_port()}", str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
-                   env=env, check=True, timeout=300, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["state_note"] == "fsdp"
     assert report["keys_match"]
