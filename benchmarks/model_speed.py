@@ -19,7 +19,6 @@ import statistics
 import time
 
 import torch
-
 from record import record
 
 from v3flow.config import load_config

@@ -49,8 +49,8 @@ def main() -> None:
         spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.{digits}f}{spread}"
 
-    table = [f"| balancing | MaxVio (last 30 % of steps) | final validation loss | MLflow runs ({len(args.seeds)} "
-             "seeds) |", "|---|---|---|---|"]
+    table = [(f"| balancing | MaxVio (last 30 % of steps) | final validation loss | MLflow runs ({len(args.seeds)} "
+              "seeds) |"), "|---|---|---|---|"]
     table += [f"| {mode} | {stat([r[0] for r in rs], 3)} | {stat([r[1] for r in rs], 4)} | "
               f"{', '.join(f'`{r[2][:8]}`' for r in rs)} |" for mode, rs in runs.items()]
     write_table("study_balancing", table)

@@ -83,7 +83,7 @@ def quantization_errors(out_dir: Path) -> tuple[dict[str, float], dict[str, list
     inputs, weights = layer_inputs(out_dir)
     out, sweep = {}, {g: [] for g in ("tile", "block", "tensor")}
     for f in OUTLIER_FACTORS:
-        for g in sweep:
+        for g, curve in sweep.items():
             errors = []
             for x in inputs:
                 keep = torch.ones(x.shape[1], dtype=torch.bool)
@@ -93,7 +93,7 @@ def quantization_errors(out_dir: Path) -> tuple[dict[str, float], dict[str, list
                     planted[:, channels] *= f
                     keep[channels] = False
                 errors.append(token_error(planted, g, keep))
-            sweep[g].append(statistics.mean(errors))
+            curve.append(statistics.mean(errors))
     for g, values in sweep.items():
         out[f"act_{g}_rel_error"] = values[0]
         for f, v in zip(OUTLIER_FACTORS[1:], values[1:]):
@@ -154,8 +154,8 @@ def main() -> None:
     for kind, label in (("train", "final training loss (last 10 % of steps)"), ("val", "final validation loss")):
         table.append(f"| {label} | {summary[f'fp8_final_{kind}_loss']:.4f} | {summary[f'bf16_final_{kind}_loss']:.4f} "
                      f"| {summary[f'rel_gap_{kind}']:+.3%} |")
-    table += ["", "| E4M3 relative error (per token; real inputs of the FP8 layers) | 1x128 tiles | 128x128 blocks "
-              "| per tensor | per tensor / tiles |", "|---|---|---|---|---|"]
+    table += ["", ("| E4M3 relative error (per token; real inputs of the FP8 layers) | 1x128 tiles | 128x128 blocks "
+                   "| per tensor | per tensor / tiles |"), "|---|---|---|---|---|"]
     for f in OUTLIER_FACTORS:
         suffix = "" if f == 1 else f"_outliers_x{f}"
         label = "as they are" if f == 1 else f"channel 3 x{f}"

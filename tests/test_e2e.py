@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 def v3flow(env, *args, timeout=600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "v3flow.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -115,10 +115,10 @@ def test_changed_config_reruns_and_force_reruns(servers, first_run):
 
 def test_bad_config_fails_before_any_run(servers):
     proc = subprocess.run([sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--set", "data.minhash.rowz=3"],
-                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "data.minhash.rowz: unknown key" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--stages", "pretrian"],
-                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "unknown stage(s) ['pretrian']" in proc.stderr
 
 

@@ -22,7 +22,7 @@ from v3flow.model.args import ModelConfig
 from v3flow.section import Section, section_hash
 from v3flow.stages.pretrain.config import PretrainConfig
 
-__all__ = ["PipelineConfig", "DataConfig", "ModelConfig", "Section", "section_hash", "load_config"]
+__all__ = ["DataConfig", "ModelConfig", "PipelineConfig", "Section", "load_config", "section_hash"]
 
 
 # --------------------------------------------------------------------------------------------- data

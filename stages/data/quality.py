@@ -31,7 +31,7 @@ class Normalizer(PipelineStep):
     def __init__(self, cfg: NormalizeConfig):
         super().__init__()
         self.cfg = cfg
-        self._blank_run = re.compile(r"\n{%d,}" % (cfg.max_consecutive_blank_lines + 2))
+        self._blank_run = re.compile(rf"\n{{{cfg.max_consecutive_blank_lines + 2},}}")
 
     def normalise(self, text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")

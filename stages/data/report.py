@@ -7,9 +7,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from v3flow.config import DataConfig
 from v3flow.stages.data.packing import PackStats
 from v3flow.stages.data.readers import read_documents
+
+from v3flow.config import DataConfig
 
 
 def _step(stats: list[dict], kind: str) -> dict:
@@ -125,8 +126,8 @@ def markdown(m: dict[str, float], clusters: list[dict], manifest: dict) -> str:
     ]
     lines = ["## Data stage", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" if isinstance(v, float | int) else f"| {k} | {v} |" for k, v in rows]
-    lines += ["", f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{manifest['tokenizer_sha256'][:16]}`, "
-              f"vocab {manifest['vocab_size']}, seq_len {manifest['seq_len']}."]
+    lines += ["", (f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{manifest['tokenizer_sha256'][:16]}`, "
+                   f"vocab {manifest['vocab_size']}, seq_len {manifest['seq_len']}.")]
     if clusters:
         lines += ["", "### Largest near-duplicate clusters", "", "| size | kept | removed (examples) |", "|---|---|---|"]
         lines += [f"| {c['size']} | `{c['kept']}` | {', '.join(f'`{r}`' for r in c['removed_examples'][:3])} |"

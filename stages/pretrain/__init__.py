@@ -21,10 +21,11 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from v3flow.stages.pretrain.config import PretrainStageConfig
+
 from v3flow.errors import V3flowError
 from v3flow.section import section_hash
 from v3flow.stage import StageResult
-from v3flow.stages.pretrain.config import PretrainStageConfig
 
 STAGE = "pretrain"
 
@@ -114,8 +115,8 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         f"| unigram entropy of the data | {unigram:.4f} nats |",
         f"| mean expert MaxVio (last step) | {final.get('maxvio_mean', float('nan')):.3f} |",
         f"| skipped updates / rollbacks | {final['skipped_steps']} / {final['rollbacks']} |",
-        f"| MTP draft acceptance (self-speculative decoding) | {final.get('mtp_acceptance_rate', float('nan')):.1%}"
-        f", {final.get('mtp_tokens_per_pass', float('nan')):.2f} tokens per main pass |",
+        (f"| MTP draft acceptance (self-speculative decoding) | {final.get('mtp_acceptance_rate', float('nan')):.1%}"
+         f", {final.get('mtp_tokens_per_pass', float('nan')):.2f} tokens per main pass |"),
         "", f"Hugging Face export: `{hf}`",
     ])
     return result

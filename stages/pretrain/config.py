@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
+from v3flow.stages.pretrain.schedule import ScheduleConfig
 
 from v3flow.section import Section
-from v3flow.stages.pretrain.schedule import ScheduleConfig
 
 
 class GuardConfig(Section):
@@ -65,10 +65,10 @@ class PretrainConfig(Section):
 class PretrainStageConfig(Section):
     """What the pretraining stage's outputs depend on: the architecture and the training recipe."""
 
-    model: "ModelConfig"
+    model: ModelConfig
     pretrain: PretrainConfig
 
 
-from v3flow.model.args import ModelConfig  # noqa: E402  (after the class, to keep this module's imports light)
+from v3flow.model.args import ModelConfig
 
 PretrainStageConfig.model_rebuild()

@@ -8,6 +8,7 @@ MFU is model FLOPs per second over the machine's measured peak of a large fp32/b
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ class Monitor:
 
     def log(self, step: int, metrics: dict) -> None:
         if self.main and self.run_id:
-            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, float | int) and v == v}
+            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, float | int) and math.isfinite(v)}
             from v3flow import tracking  # imported only when logging: trainer processes need no MLflow otherwise
 
             tracking.log_metrics(self.uri, self.run_id, finite, step=step)

@@ -46,7 +46,7 @@ def test_main_and_mtp_losses_fall(trained):
 
 
 def test_speculative_equals_greedy_and_accepts_drafts(trained):
-    model, successor, _ = trained
+    model, _, _ = trained
     model.double()
     for seed in range(3):
         torch.manual_seed(seed)

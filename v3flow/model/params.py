@@ -57,6 +57,6 @@ def report(cfg: ModelConfig) -> str:
     return "\n".join([
         f"parameters (main model)   total {_n(p.total)}   activated per token {_n(p.activated)}",
         f"MTP modules               unique {_n(p.mtp_unique)}   with shared embedding + head {_n(p.mtp_with_shared)}",
-        f"KV cache per token (BF16) MLA {kv.mla_values_per_layer} values/layer = {mla:,} B over {kv.layers} layers;"
-        f" MHA of the same shape {kv.mha_values_per_layer} values/layer = {mha:,} B ({mha / mla:.1f}x more)",
+        (f"KV cache per token (BF16) MLA {kv.mla_values_per_layer} values/layer = {mla:,} B over {kv.layers} layers;"
+         f" MHA of the same shape {kv.mha_values_per_layer} values/layer = {mha:,} B ({mha / mla:.1f}x more)"),
     ])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from v3flow.stages.data import run
+
 from tests.conftest import MICRO
 from v3flow.config import SourceConfig, load_config
-from v3flow.stages.data import run
 
 
 def run_on_jsonl(folder: Path, out: Path, overrides: list[str] = ()):
@@ -21,5 +22,4 @@ def write_jsonl(path: Path, records: list) -> None:
     """Write records (dicts as JSON lines; bytes as they are, for malformed input)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        for r in records:
-            f.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
+        f.writelines(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in records)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
-
-from tests.conftest import MICRO
-from v3flow.config import load_config
 from v3flow.stages.data import run
 from v3flow.stages.data.packing import unigram_entropy
 from v3flow.stages.data.readers import read_documents
 from v3flow.stages.data.steps import split_of
+
+from tests.conftest import MICRO
+from v3flow.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def stage(tmp_path_factory):
 
 def test_manifest_matches_shards(stage):
     cfg, result = stage
-    manifest = json.loads(open(result.outputs["manifest"]).read())
+    manifest = json.loads(Path(result.outputs["manifest"]).read_text())
     assert manifest["seq_len"] == cfg.data.packing.seq_len and manifest["format"] == "npy-uint32"
     for split in ("train", "val"):
         info = manifest["splits"][split]
@@ -59,7 +59,7 @@ def test_near_duplicates_found_in_real_corpus(stage):
 
 
 def test_splits_are_disjoint_by_document(stage):
-    cfg, result = stage
+    _, result = stage
     m = result.metrics
     assert m["val_documents"] > 0 and m["train_documents"] > m["val_documents"]
     assert split_of("stdlib/json/decoder.py", 0.05, 1) == split_of("stdlib/json/decoder.py", 0.05, 1)
@@ -67,7 +67,7 @@ def test_splits_are_disjoint_by_document(stage):
 
 def test_unigram_entropy_is_reported(stage):
     _, result = stage
-    manifest = json.loads(open(result.outputs["manifest"]).read())
+    manifest = json.loads(Path(result.outputs["manifest"]).read_text())
     shards = [f"{result.outputs['packed']}/{s['path']}" for s in manifest["splits"]["train"]["shards"]]
     h = unigram_entropy(shards, manifest["vocab_size"], manifest["special_tokens"]["pad"])
     assert h == pytest.approx(result.metrics["train_unigram_entropy_nats"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.stages.pretrain.conftest import losses, write_run
 from v3flow.stages.pretrain import TrainingError, launch
 from v3flow.stages.pretrain.checkpoint import latest
+
+from tests.stages.pretrain.conftest import losses, write_run
 
 ROOT = Path(__file__).parents[3]
 TWO = ["pretrain.num_processes=2", "pretrain.micro_batch=2"]
@@ -23,9 +23,9 @@ def accelerate(name: str) -> list[str]:
 
 def assert_same_curve(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for step in a:
-        assert abs(a[step]["loss"] - b[step]["loss"]) < 2e-3 * a[step]["loss"], (step, a[step], b[step])
-        assert a[step]["batch_sequences"] == b[step]["batch_sequences"], step
+    for step, x in a.items():
+        assert abs(x["loss"] - b[step]["loss"]) < 2e-3 * x["loss"], (step, x, b[step])
+        assert x["batch_sequences"] == b[step]["batch_sequences"], step
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def test_sharded_checkpoint_gathers_and_resumes_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
-                          env=env, timeout=300, capture_output=True, text=True)
+                          env=env, timeout=300, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["state_note"] == "fsdp"
