@@ -29,9 +29,8 @@ def data_outputs(cfg, args) -> dict:
         return {"manifest": args.manifest, "tokenizer": args.tokenizer}
     from v3flow.flows.pipeline import STAGES
     from v3flow.flows.runner import stage_key
-    from v3flow.stages.data import run as run_data
-
     from v3flow.stage import StageResult
+    from v3flow.stages.data import run as run_data
 
     out = cfg.workdir_path() / "data" / stage_key(STAGES["data"], cfg, {})
     return (StageResult.load(out) or run_data(cfg.data, out, resolve=cfg.resolve)).outputs

@@ -47,12 +47,12 @@ OUTLIER_FACTORS = (1, 10, 100, 1000, 10000, 100000)  # 1: the activations as the
 def layer_inputs(out_dir: Path, batches: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The real inputs [tokens, K] and the weights of every FP8 linear layer of the trained model."""
     from safetensors.torch import load_file
-    from v3flow.stages.pretrain.checkpoint import latest
-    from v3flow.stages.pretrain.data import PackedSequences
 
     from v3flow.model.args import ModelConfig
     from v3flow.model.fp8 import FP8Linear, convert_to_fp8
     from v3flow.model.transformer import Transformer
+    from v3flow.stages.pretrain.checkpoint import latest
+    from v3flow.stages.pretrain.data import PackedSequences
 
     spec = json.loads((out_dir / "run.json").read_text())
     model = Transformer(ModelConfig(**spec["model"]))

@@ -16,15 +16,15 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
-from v3flow.flows.runner import StageSpec, run_stage
-from v3flow.stages import data as data_stage
-from v3flow.stages import pretrain as pretrain_stage
-from v3flow.stages.pretrain.config import PretrainStageConfig
 
 from v3flow import tracking
 from v3flow.config import load_config, section_hash
 from v3flow.errors import ConfigError
+from v3flow.flows.runner import StageSpec, run_stage
 from v3flow.stage import StageResult
+from v3flow.stages import data as data_stage
+from v3flow.stages import pretrain as pretrain_stage
+from v3flow.stages.pretrain.config import PretrainStageConfig
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
+
 from v3flow.flows.pipeline import data, pipeline, pretrain
 
 DEPLOYMENT = "v3flow"

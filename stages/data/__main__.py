@@ -3,9 +3,8 @@
 import sys
 from pathlib import Path
 
-from v3flow.stages.data import run
-
 from v3flow.config import load_config
+from v3flow.stages.data import run
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 print(run(cfg.data, Path(sys.argv[2]), resolve=cfg.resolve).report_md)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from v3flow.stages.data.bpe import file_sha256
 
 TOKEN_DTYPE = np.uint32

@@ -21,11 +21,10 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from v3flow.stages.pretrain.config import PretrainStageConfig
-
 from v3flow.errors import V3flowError
 from v3flow.section import section_hash
 from v3flow.stage import StageResult
+from v3flow.stages.pretrain.config import PretrainStageConfig
 
 STAGE = "pretrain"
 

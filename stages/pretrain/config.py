@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
-from v3flow.stages.pretrain.schedule import ScheduleConfig
 
 from v3flow.section import Section
+from v3flow.stages.pretrain.schedule import ScheduleConfig
 
 
 class GuardConfig(Section):
@@ -69,6 +69,6 @@ class PretrainStageConfig(Section):
     pretrain: PretrainConfig
 
 
-from v3flow.model.args import ModelConfig
+from v3flow.model.args import ModelConfig  # after the class, to keep this module's imports light
 
 PretrainStageConfig.model_rebuild()

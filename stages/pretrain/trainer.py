@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+
+from v3flow.model.args import ModelConfig
+from v3flow.model.fp8 import convert_to_fp8
+from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain import checkpoint
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.stages.pretrain.data import PackedSequences
 from v3flow.stages.pretrain.monitor import Monitor
 from v3flow.stages.pretrain.optim import AdamW
-
-from v3flow.model.args import ModelConfig
-from v3flow.model.fp8 import convert_to_fp8
-from v3flow.model.transformer import IGNORE, Transformer
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> AdamW:

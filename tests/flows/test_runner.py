@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from prefect.states import Completed, Failed
-from v3flow.flows.pipeline import STAGES, plan
-from v3flow.flows.runner import _transient, stage_key
 
 from tests.conftest import MICRO
 from v3flow.config import load_config
+from v3flow.flows.pipeline import STAGES, plan
+from v3flow.flows.runner import _transient, stage_key
 
 
 def test_only_transient_io_errors_retry():

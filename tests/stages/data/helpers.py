@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from v3flow.stages.data import run
-
 from tests.conftest import MICRO
 from v3flow.config import SourceConfig, load_config
+from v3flow.stages.data import run
 
 
 def run_on_jsonl(folder: Path, out: Path, overrides: list[str] = ()):

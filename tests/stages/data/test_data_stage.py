@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
+
+from tests.conftest import MICRO
+from v3flow.config import load_config
 from v3flow.stages.data import run
 from v3flow.stages.data.packing import unigram_entropy
 from v3flow.stages.data.readers import read_documents
 from v3flow.stages.data.steps import split_of
-
-from tests.conftest import MICRO
-from v3flow.config import load_config
 
 
 @pytest.fixture(scope="module")

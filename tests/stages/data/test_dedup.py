@@ -11,9 +11,9 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-from v3flow.stages.data.readers import read_documents
 
 from tests.stages.data.helpers import run_on_jsonl, write_jsonl
+from v3flow.stages.data.readers import read_documents
 
 
 def vocabulary() -> list[str]:

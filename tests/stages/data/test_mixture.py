@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from v3flow.stages.data import run
-
 from tests.conftest import MICRO
 from tests.stages.data.helpers import write_jsonl
 from v3flow.config import SourceConfig, load_config
+from v3flow.stages.data import run
 
 
 def corpus(prefix: str, n: int) -> list[dict]:

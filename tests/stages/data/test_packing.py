@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from v3flow.stages.data.packing import FimTokens, Packer, apply_fim, read_ds_documents
 
 EOS, PAD = 1, 2

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from v3flow.stages.data import run
-
 from tests.conftest import MICRO
 from v3flow.config import load_config
+from v3flow.stages.data import run
 
 
 def test_rerun_after_interruption_resumes_and_matches(tmp_path):

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from v3flow.stages.data import run as run_data
-from v3flow.stages.pretrain.config import PretrainStageConfig
 
 from tests.conftest import MICRO
 from v3flow.config import load_config
+from v3flow.stages.data import run as run_data
+from v3flow.stages.pretrain.config import PretrainStageConfig
 
 
 @pytest.fixture(scope="session")

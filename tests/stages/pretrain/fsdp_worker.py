@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from v3flow.stages.pretrain import checkpoint
-from v3flow.stages.pretrain.optim import AdamW
 
 from tests.conftest import MICRO
 from v3flow.config import load_config
 from v3flow.model.transformer import Block, Transformer
+from v3flow.stages.pretrain import checkpoint
+from v3flow.stages.pretrain.optim import AdamW
 
 
 def sharded(model: Transformer, mesh) -> Transformer:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from v3flow.stages.pretrain import TrainingError, launch
-from v3flow.stages.pretrain.checkpoint import latest
 
 from tests.stages.pretrain.conftest import losses, write_run
+from v3flow.stages.pretrain import TrainingError, launch
+from v3flow.stages.pretrain.checkpoint import latest
 
 ROOT = Path(__file__).parents[3]
 TWO = ["pretrain.num_processes=2", "pretrain.micro_batch=2"]

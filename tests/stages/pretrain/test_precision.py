@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.stages.pretrain.conftest import losses, write_run
 from v3flow.stages.pretrain import launch
 from v3flow.stages.pretrain.checkpoint import latest
 from v3flow.stages.pretrain.optim import AdamW
-
-from tests.stages.pretrain.conftest import losses, write_run
 
 
 def params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from v3flow.stages.pretrain import TrainingError, launch
 
 from tests.stages.pretrain.conftest import losses, write_run
+from v3flow.stages.pretrain import TrainingError, launch
 
 
 def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from v3flow.stages.pretrain.schedule import ScheduleConfig
 
 T = 14_800_000_000_000
