@@ -29,12 +29,15 @@ def record(name: str, summary: dict, tags: dict, params: dict, figures: dict | N
 def main() -> None:
     """`python benchmarks/record.py NAME RESULT.json`: record a result measured on another machine (a GPU
     lent for the session, say): numbers become metrics, everything else tags."""
-    import sys
+    import argparse
 
-    name, path = sys.argv[1:3]
-    data = json.loads(Path(path).read_text())
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("name", help="benchmark name (the MLflow run name)")
+    parser.add_argument("result", type=Path, help="JSON object of the measured values")
+    args = parser.parse_args()
+    data = json.loads(args.result.read_text())
     numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    record(name, numbers, {k: str(v) for k, v in data.items() if k not in numbers}, {})
+    record(args.name, numbers, {k: str(v) for k, v in data.items() if k not in numbers}, {})
 
 
 if __name__ == "__main__":
