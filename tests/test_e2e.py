@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -132,7 +133,8 @@ def test_deployment_run_from_the_api(servers, tmp_path):
             schedules = deployment["schedules"]
             assert [s["active"] for s in schedules] == [False]  # the nightly refresh ships paused
             params = {"request": {"config": str(MICRO), "overrides": [f"workdir={tmp_path}"], "force": False}}
-            run = c.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": params}).json()
+            body = {"parameters": params, "idempotency_key": uuid.uuid4().hex}  # a retried POST runs once
+            run = _wait_for(lambda: _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json=body)), 30)
             state = _wait_for(lambda: _final_state(c, run["id"]), 420)
         assert state == "COMPLETED"
         assert list(tmp_path.glob("data/*/result.json"))
@@ -144,13 +146,24 @@ def test_deployment_run_from_the_api(servers, tmp_path):
         serve.wait(timeout=60)
 
 
+def _ok(r: httpx.Response) -> dict | None:
+    """The JSON of a success; None (ask again) on a server error. Prefect 3.8's SQLite backend has known lock
+    contention with a served runner's polling (PrefectHQ/prefect#23051), and creating this flow run failed
+    once in a full-suite run with a response that had no id. Any other failure is the test's."""
+    if r.status_code >= 500:
+        return None
+    assert r.is_success, (r.status_code, r.text)
+    return r.json()
+
+
 def _deployment(c: httpx.Client, flow: str, name: str) -> dict | None:
     r = c.get(f"/deployments/name/{flow}/{name}")
-    return r.json() if r.status_code == 200 else None
+    return None if r.status_code == 404 else _ok(r)
 
 
 def _final_state(c: httpx.Client, flow_run_id: str) -> str | None:
-    state = c.get(f"/flow_runs/{flow_run_id}").json()["state"]["type"]
+    run = _ok(c.get(f"/flow_runs/{flow_run_id}"))
+    state = run and run["state"]["type"]
     return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
