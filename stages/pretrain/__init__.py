@@ -115,7 +115,9 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         f"| mean expert MaxVio (last step) | {final.get('maxvio_mean', float('nan')):.3f} |",
         f"| skipped updates / rollbacks | {final['skipped_steps']} / {final['rollbacks']} |",
         (f"| MTP draft acceptance (self-speculative decoding) | {final.get('mtp_acceptance_rate', float('nan')):.1%}"
-         f", {final.get('mtp_tokens_per_pass', float('nan')):.2f} tokens per main pass |"),
+         f" ± {final.get('mtp_acceptance_stderr', float('nan')):.1%} ({final.get('mtp_drafted_tokens', 0)} drafts, "
+         f"{final.get('mtp_prompts', 0)} prompts), {final.get('mtp_tokens_per_pass', float('nan')):.2f} tokens per "
+         "main pass |"),
         "", f"Hugging Face export: `{hf}`",
     ])
     return result

@@ -48,6 +48,8 @@ class PretrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0)
     eval_every: int = Field(1000, gt=0)
     eval_batches: int = Field(20, gt=0, description="Validation batches of micro_batch sequences.")
+    mtp_eval_prompts: int = Field(32, gt=0, description="Validation prompts decoded self-speculatively at the end "
+                                  "to measure MTP draft acceptance (64 new tokens each).")
     log_every: int = Field(10, gt=0)
     figure_every: int = Field(500, gt=0, description="Steps between expert-load figures.")
     guards: GuardConfig = Field(default_factory=GuardConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v3flow.model.generate import greedy, speculative
+from v3flow.model.generate import SpeculativeStats, acceptance_summary, greedy, speculative
 from v3flow.model.transformer import Transformer
 
 
@@ -63,3 +63,13 @@ def test_speculative_on_untrained_model_is_still_exact(model, cfg):
     tokens, stats = speculative(model, prompt, 25)
     assert torch.equal(tokens, greedy(model, prompt, 25))
     assert stats.tokens == 25 and stats.main_passes <= 26
+
+
+def test_acceptance_summary_pools_drafts_and_clusters_the_error():
+    looping, wrong = SpeculativeStats(10, 10, 6, 16), SpeculativeStats(10, 0, 10, 10)
+    s = acceptance_summary([looping, wrong])
+    assert s["mtp_acceptance_rate"] == 0.5 and s["mtp_drafted_tokens"] == 20 and s["mtp_prompts"] == 2
+    assert s["mtp_acceptance_stderr"] == pytest.approx(0.5)  # residuals +-5 drafts, over a mean of 10 per prompt
+    assert s["mtp_tokens_per_pass"] == pytest.approx(26 / 16)
+    same = acceptance_summary([SpeculativeStats(8, 6, 5, 14)] * 3)
+    assert same["mtp_acceptance_rate"] == 0.75 and same["mtp_acceptance_stderr"] == 0.0

@@ -8,6 +8,7 @@ pass. Output is exactly the main model's greedy output; the acceptance rate meas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,3 +93,15 @@ def speculative(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tu
     tokens = tokens[:, : P + new_tokens]
     stats.tokens = tokens.shape[1] - P
     return tokens, stats
+
+
+def acceptance_summary(runs: list[SpeculativeStats]) -> dict[str, float]:
+    """Pooled draft acceptance over several prompts, with the standard error of that ratio taking each
+    prompt as a cluster: the drafts of one greedy continuation are far from independent (a continuation
+    that loops accepts every draft), so a binomial error over drafts would be too small."""
+    n, drafted, accepted = len(runs), sum(r.drafted for r in runs), sum(r.accepted for r in runs)
+    rate = accepted / drafted if drafted else float("nan")
+    spread = sum((r.accepted - rate * r.drafted) ** 2 for r in runs) / (n * (n - 1)) if n > 1 else float("nan")
+    return {"mtp_acceptance_rate": rate, "mtp_acceptance_stderr": math.sqrt(spread) / (drafted / n) if drafted
+            else float("nan"), "mtp_drafted_tokens": drafted, "mtp_prompts": n,
+            "mtp_tokens_per_pass": sum(r.tokens for r in runs) / max(sum(r.main_passes for r in runs), 1)}
