@@ -91,3 +91,30 @@ def test_sequence_balance_loss_is_one_when_uniform(cfg):
     idx = torch.arange(T * K).remainder(E).view(1, T, K)  # every expert chosen equally often
     scores = torch.ones(1, T, E)
     assert torch.isclose(moe.sequence_balance_loss(idx, scores), torch.tensor(1.0))
+
+
+
+def test_backward_is_bitwise_reproducible_on_several_threads(cfg):
+    """Tokens reach the experts in expert order, so a token's K_r copies lie scattered: the gradient that sums
+    them back must not depend on thread timing. (Advanced indexing's backward did, on 2 CPU threads with
+    K_r >= 3, where the order of the additions changes the float sum.)"""
+    torch.manual_seed(0)
+    moe = MoE(cfg.model_copy(update={"n_activated_experts": 4, "n_limited_groups": cfg.n_expert_groups}))
+    torch.nn.init.normal_(moe.gate.weight, std=0.1)
+    for w in moe.experts.parameters():
+        torch.nn.init.normal_(w, std=0.1)
+    x = torch.randn(16, 256, cfg.dim, requires_grad=True)
+    dy = torch.randn(16, 256, cfg.dim)
+
+    def input_grad() -> torch.Tensor:
+        x.grad = None
+        moe(x).backward(dy)
+        return x.grad.clone()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = input_grad()
+        assert all(torch.equal(first, input_grad()) for _ in range(20))
+    finally:
+        torch.set_num_threads(threads)

@@ -84,7 +84,7 @@ class Experts(nn.Module):
         order = indices.flatten().argsort(stable=True)  # (token, slot) pairs sorted by expert
         token = order // k
         offsets = counts.cumsum(0).to(torch.int32)
-        xs = x[token]  # [N * K_r, dim]
+        xs = x.index_select(0, token)  # [N * K_r, dim]; backward: index_add (x[token]: not reproducible, CPU threads)
         h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), offsets)) * self.matmul(xs, self.w3.transpose(1, 2), offsets)
         y = self.matmul(h, self.w2.transpose(1, 2), offsets) * gates.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.type_as(x))
