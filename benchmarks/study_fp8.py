@@ -51,8 +51,8 @@ def layer_inputs(out_dir: Path, batches: int = 2) -> tuple[list[torch.Tensor], l
     from v3flow.model.args import ModelConfig
     from v3flow.model.fp8 import FP8Linear, convert_to_fp8
     from v3flow.model.transformer import Transformer
-    from v3flow.stages.pretrain.checkpoint import latest
-    from v3flow.stages.pretrain.data import PackedSequences
+    from v3flow.training.checkpoint import latest
+    from v3flow.training.data import PackedSequences
 
     spec = json.loads((out_dir / "run.json").read_text())
     model = Transformer(ModelConfig(**spec["model"]))

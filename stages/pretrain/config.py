@@ -32,8 +32,13 @@ class PretrainConfig(Section):
         None, description="accelerate config YAML for launcher: accelerate (relative: to the project), e.g. "
         "configs/accelerate/fsdp2.yaml or ddp.yaml. Its num_processes is replaced by ours.")
     precision: Literal["fp8", "bf16", "fp32"] = Field(
-        "fp8", description="fp8: the report's FP8 GEMMs (1x128 / 128x128 scaling, v3flow/model/fp8.py) with BF16 "
-        "elsewhere; bf16: BF16 autocast; fp32: no mixed precision. Master weights and gradients stay FP32.")
+        "fp8", description="fp8: the report's FP8 GEMMs (1x128 / 128x128 scaling, v3flow/model/fp8.py), "
+        "high_precision elsewhere; bf16: BF16 autocast; fp32: no mixed precision. Master weights and gradients "
+        "stay FP32.")
+    high_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="What runs outside the FP8 GEMMs under precision fp8 (the report: BF16). auto: BF16 "
+        "where a probe finds it at least as fast as FP32, else FP32 (CPUs without BF16 units); the choice is "
+        "logged and recorded in MLflow (precision.*).")
     moment_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Storage of the AdamW moments (the report: BF16).")
     betas: tuple[float, float] = (0.9, 0.95)

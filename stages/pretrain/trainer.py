@@ -27,13 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.model.args import ModelConfig
-from v3flow.model.fp8 import convert_to_fp8
 from v3flow.model.transformer import IGNORE, Transformer
-from v3flow.stages.pretrain import checkpoint
 from v3flow.stages.pretrain.config import PretrainConfig
-from v3flow.stages.pretrain.data import PackedSequences
-from v3flow.stages.pretrain.monitor import Monitor
-from v3flow.stages.pretrain.optim import AdamW
+from v3flow.training import checkpoint, precision
+from v3flow.training.data import PackedSequences
+from v3flow.training.monitor import Monitor
+from v3flow.training.optim import AdamW
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> AdamW:
@@ -43,11 +42,6 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> A
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                  moment_dtype=getattr(torch, cfg.moment_dtype))
-
-
-def apply_precision(model: Transformer, precision: str) -> Transformer:
-    """fp8: FP8 GEMMs (fp8.py) and BF16 elsewhere; bf16: BF16 autocast; fp32: as is. Masters stay FP32."""
-    return convert_to_fp8(model) if precision == "fp8" else model
 
 
 class Trainer:
@@ -63,7 +57,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = Transformer(self.model_cfg)
         model.init_weights()
-        self.raw = apply_precision(model, self.cfg.precision)
+        self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
+        self.raw = precision.apply(model, self.precision)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
         self.train = PackedSequences(Path(spec["manifest"]), "train")
@@ -71,6 +66,9 @@ class Trainer:
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
                       "rollbacks": 0, "lineage": spec["lineage"]}
         self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device)
+        self.monitor.params(self.precision.as_params())
+        self.acc.print(f"[pretrain] precision: {self.precision.gemms} GEMMs, {self.precision.autocast} elsewhere "
+                       f"({self.precision.reason})")
         self.fired: set[int] = set()
         found = checkpoint.latest(run_dir / "checkpoints")
         if found:
@@ -78,8 +76,8 @@ class Trainer:
             self.acc.print(f"[pretrain] resumed from {found.name} at step {self.state['step']}")
 
     def autocast(self) -> torch.autocast:
-        """BF16 for what is not FP8 (fp8, bf16); nothing for fp32."""
-        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision != "fp32")
+        """BF16 for what is not an FP8 GEMM, where the precision choice says so."""
+        return self.precision.autocast_context(self.acc.device)
 
     # ---------------------------------------------------------------------------------------- one step
     def _weights(self, tokens: int) -> tuple[float, float, float]:
@@ -221,7 +219,7 @@ class Trainer:
             if st["step"] % cfg.checkpoint_every == 0:
                 self.save()
         st = self.state
-        final = {**self.evaluate(), "steps": st["step"], "tokens": st["tokens"],
+        final = {**self.evaluate(), "steps": st["step"], "tokens": st["tokens"], "autocast": self.precision.autocast,
                  "skipped_steps": st["skipped_total"], "rollbacks": st["rollbacks"]}
         last = checkpoint.latest(self.run_dir / "checkpoints")
         if last is None or last.name != f"step_{st['step']:06d}":

@@ -165,3 +165,30 @@ def test_fp8_linear_on_gpu_matches_cpu_emulation():
         results.append([t.detach().cpu() for t in (fp8.fp8_linear(xd, wd), xd.grad, wd.grad)])
     for cpu, gpu in zip(*results):
         assert float((cpu - gpu).abs().max() / cpu.abs().max()) < 1e-3
+
+
+def test_fp32_rounding_is_the_e4m3_cast_bit_for_bit():
+    """The emulation rounds in FP32 arithmetic; it must give exactly what the float8 cast gives: every ~1000th
+    FP32 bit pattern up to 448, every E4M3 value, every midpoint between two (ties) and its neighbours."""
+    bits = torch.arange(0, 0x43E00001, 997, dtype=torch.int64).to(torch.int32)
+    grid = torch.arange(256, dtype=torch.uint8).view(fp8.E4M3).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].sort().values
+    mid = (grid[:-1] + grid[1:]) / 2
+    near = [mid, torch.nextafter(mid, torch.full_like(mid, 1e9)), torch.nextafter(mid, torch.zeros_like(mid)), grid,
+            torch.tensor([449.0, 470.0, 1e30, 1e-40, 0.0])]
+    values = torch.cat([bits.view(torch.float32), *near])
+    values = torch.cat([values, -values])
+    want = values.clamp(-448, 448).to(fp8.E4M3).float()
+    got = fp8.round_to_e4m3(values.clone())
+    assert torch.equal(got, want), values[got != want][:5]
+
+
+def test_weight_quantized_once_per_version():
+    w = torch.nn.Parameter(torch.randn(256, 128))
+    first = fp8.cached_weight(w, fp8.fake_blocks)
+    assert fp8.cached_weight(w, fp8.fake_blocks) is first  # the next micro-batch reuses it
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step
+    second = fp8.cached_weight(w, fp8.fake_blocks)
+    assert second is not first and torch.equal(second, first * 2)
+    assert torch.equal(fp8.cached_weight(w.t(), fp8.fake_blocks), fp8.fake_blocks(w.detach().t()))  # a view

@@ -48,3 +48,37 @@ def test_layout_round_trip_and_mtp_layer(tmp_path, model, cfg):
     back = import_hf(tmp_path)
     ours, theirs = model.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_logits_match_transformers_with_another_norm_eps_and_yarn_past_the_original_length(tmp_path, cfg):
+    """rms_norm_eps 1e-5 (transformers fixes the latent norms' eps at 1e-6, so must we), YaRN with a sequence
+    four times the original context."""
+    cfg = cfg.model_copy(update={"norm_eps": 1e-5, "yarn": YarnConfig(factor=4.0, original_seq_len=32)})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights()
+    model.eval()
+    export_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 128))
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_import_of_yarn_with_mscale_only_matches_transformers(cfg):
+    """A config with `mscale` but no `mscale_all_dim`: transformers scales cos/sin by YaRN's default
+    0.1 ln s + 1 and leaves the softmax scale alone."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from v3flow.model.hf_format import config_from_hf, hf_config
+
+    rope = {"rope_type": "yarn", "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707}
+    c = {**hf_config(cfg), "rope_scaling": rope, "max_position_embeddings": 128}
+    ours = config_from_hf(c)
+    theirs = DeepseekV3Config(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
+    _, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](theirs, "cpu")
+    assert ours.yarn.rotary_scale() == pytest.approx(attention_factor)  # 1.369, not 1.26
+    assert ours.softmax_scale() == pytest.approx(ours.qk_head_dim ** -0.5)

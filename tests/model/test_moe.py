@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,3 +119,48 @@ def test_backward_is_bitwise_reproducible_on_several_threads(cfg):
         assert all(torch.equal(first, input_grad()) for _ in range(20))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gating_stays_fp32_under_bf16_autocast(model):
+    """The report keeps MoE gating out of low precision: under the trainer's BF16 autocast the affinities and
+    the routing must be the FP32 ones (autocast used to recast the gate's linear to BF16)."""
+    gate = moe_layer(model).gate
+    x = torch.randn(512, model.cfg.dim)
+    gates, idx, scores = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates_ac, idx_ac, scores_ac = gate(x)
+    assert scores_ac.dtype == torch.float32
+    assert torch.equal(scores_ac, scores) and torch.equal(idx_ac, idx) and torch.equal(gates_ac, gates)
+
+
+def test_eval_forward_has_no_stale_balance_loss(model):
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
+    model.train()
+    assert float(model(tokens[:, :-1], tokens[:, 1:]).balance_loss) > 0
+    model.eval()
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    assert float(out.balance_loss) == 0.0 and torch.equal(out.loss, out.lm_loss)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_dims_not_multiple_of_four_train(cfg, precision):
+    """torch._grouped_mm needs 16-byte strides; dim / moe_inter_dim like 66 / 30 fall back to a loop over experts
+    (it used to crash), and give what the experts compute one by one."""
+    from v3flow.model.fp8 import convert_to_fp8
+    from v3flow.model.moe import grouped_mm
+    from v3flow.model.transformer import Transformer
+
+    odd = cfg.model_copy(update={"dim": 66, "moe_inter_dim": 30})
+    torch.manual_seed(0)
+    model = Transformer(odd)
+    model.init_weights()
+    if precision == "fp8":
+        convert_to_fp8(model)
+    tokens = torch.randint(0, odd.vocab_size, (2, 33))
+    out = model(tokens[:, :-1], tokens[:, 1:], mtp_weight=0.3)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    x, w = torch.randn(10, 30), torch.randn(3, 30, 66)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)
+    want = torch.cat([x[:4] @ w[0], x[4:10] @ w[2]])
+    assert torch.allclose(grouped_mm(x, w, offsets), want, atol=1e-5)

@@ -20,19 +20,23 @@ class YarnConfig(Section):
     original_seq_len: int = Field(4096, gt=0, description="L: pretraining context (original_max_position_embeddings).")
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    mscale: float = Field(1.0, ge=0, description="0: not set (a Hugging Face config without the key)")
+    mscale_all_dim: float = Field(1.0, ge=0, description="0: not set")
 
     def _m(self, mscale: float) -> float:
         return 0.1 * mscale * math.log(self.factor) + 1.0
 
     def attention_mscale(self) -> float:
-        """m = 0.1 * mscale_all_dim * ln(s) + 1; the softmax scale is multiplied by m^2."""
-        return self._m(self.mscale_all_dim)
+        """m = 0.1 * mscale_all_dim * ln(s) + 1 (1 when mscale_all_dim is not set); the softmax scale is
+        multiplied by m^2, as DeepSeek's code and transformers' deepseek_v3 do."""
+        return self._m(self.mscale_all_dim) if self.mscale_all_dim else 1.0
 
     def rotary_scale(self) -> float:
-        """Factor on cos/sin: m(mscale) / m(mscale_all_dim), 1 in DeepSeek-V3's config."""
-        return self._m(self.mscale) / self._m(self.mscale_all_dim)
+        """Factor on cos/sin: m(mscale) / m(mscale_all_dim) when both are set (1 in DeepSeek-V3's config), else
+        YaRN's default m(1) = 0.1 ln(s) + 1 (transformers' rule for an incomplete config)."""
+        if self.mscale and self.mscale_all_dim:
+            return self._m(self.mscale) / self._m(self.mscale_all_dim)
+        return self._m(1.0)
 
 
 class ModelConfig(Section):

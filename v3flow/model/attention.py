@@ -25,6 +25,10 @@ from v3flow.model.args import ModelConfig
 from v3flow.model.layers import RMSNorm, upcast
 from v3flow.model.rope import apply_rope
 
+# The latent norms' epsilon is fixed in DeepSeek's code and transformers' deepseek_v3 (model.norm_eps is for
+# the block norms): a config with another rms_norm_eps must still export to the same logits.
+LATENT_NORM_EPS = 1e-6
+
 
 @dataclass
 class LatentCache:
@@ -46,12 +50,12 @@ class MLA(nn.Module):
         h, qk, nope, rope, v = cfg.n_heads, cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
         else:
             self.wq = nn.Linear(cfg.dim, h * qk, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + rope, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (nope + v), bias=False)
         self.wo = nn.Linear(h * v, cfg.dim, bias=False)
         self.scale = cfg.softmax_scale()

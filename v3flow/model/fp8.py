@@ -29,8 +29,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from v3flow.model.moe import Experts
+from v3flow.model.moe import Experts, grouped_mm
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -117,11 +118,79 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fake_quantize(x: torch.Tensor, granularity: str) -> torch.Tensor:
     """x through FP8 and back at `granularity` (tile | block | tensor), for error studies."""
     if granularity == "tile":
-        return dequantize_tiles(*quantize_tiles(x), x.shape[-1])
+        return fake_tiles(x)
     if granularity == "block":
-        return dequantize_blocks(*quantize_blocks(x), x.shape)
+        return fake_blocks(x)
     q, s = quantize_tensor(x)
     return q.float() * s
+
+
+# ------------------------------------------------------------------------ the emulation's fake quantization
+# The emulated GEMMs need only the values an E4M3 round trip gives (e4m3(x / s) * s), in FP32. On CPU the
+# float8 -> float32 cast is not vectorised (~25x the cost of an elementwise op), so the rounding is done in
+# FP32 arithmetic instead, bit for bit what the cast gives (tests/model/test_fp8.py sweeps every tie):
+# with 2^e the binade of v (its exponent bits) but at least 2^-6 (E4M3's smallest normal), c = 1.5 * 2^(e+20)
+# has an ulp of 2^(e-3), E4M3's step at v (3 mantissa bits; 2^-9 for subnormals), so (v + c) - c is v rounded
+# to the nearest E4M3 value, ties to even, by the FPU's own rounding.
+_EXPONENT_BITS = 0x7F800000
+
+
+def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """`v.clamp(-448, 448).to(float8_e4m3fn).float()`, computed in place in `v` (an FP32 tensor the caller owns)."""
+    v = v.clamp_(-FP8_MAX, FP8_MAX)
+    if not v.is_cpu:  # the cast is fast on accelerators
+        return v.copy_(v.to(E4M3))
+    c = (v.view(torch.int32) & _EXPONENT_BITS).view(torch.float32)  # 2^e
+    c.clamp_min_(2.0**-6).mul_(1.5 * 2.0**20)
+    return v.add_(c).sub_(c)
+
+
+def fake_tiles(x: torch.Tensor) -> torch.Tensor:
+    """dequantize_tiles(*quantize_tiles(x)) in one pass per step, FP32 [..., K]: x through FP8 in 1x128 tiles."""
+    k = x.shape[-1]
+    g = _pad(x.float(), -1).unflatten(-1, (-1, TILE))  # [..., Kp/128, 128]
+    s = _scale(g.abs().amax(-1, keepdim=True))
+    return round_to_e4m3(g / s).mul_(s).flatten(-2)[..., :k]
+
+
+def fake_blocks(w: torch.Tensor) -> torch.Tensor:
+    """dequantize_blocks(*quantize_blocks(w)), FP32 [..., N, K]: w through FP8 in 128x128 blocks."""
+    n, k = w.shape[-2:]
+    p = _pad(_pad(w.float(), -1), -2)
+    g = p.unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))  # [..., Np/128, 128, Kp/128, 128]
+    s = _scale(g.abs().amax(dim=(-3, -1), keepdim=True))
+    return round_to_e4m3(g / s).mul_(s).reshape(p.shape)[..., :n, :k]
+
+
+def fake_columns(x: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, C] through FP8 in 128x1 tiles (per channel, per 128 rows; with `offsets`, tiles restart at each
+    group so none spans two experts): Wgrad's operands, whose K is the token dimension."""
+    xf = x.float()
+    if offsets is None:
+        g = _pad(xf, 0).unflatten(0, (-1, TILE))  # [Mp/128, 128, C]
+        s = _scale(g.abs().amax(1, keepdim=True))
+        return round_to_e4m3(g / s).mul_(s).flatten(0, 1)[: x.shape[0]]
+    tile, count = _group_tiles(x, offsets)
+    amax = xf.new_zeros(int(count), x.shape[1])
+    amax.scatter_reduce_(0, tile[:, None].expand_as(xf), xf.abs(), "amax")
+    s = _scale(amax)[tile]
+    return round_to_e4m3(xf / s).mul_(s)
+
+
+_weight_cache = WeakIdKeyDictionary()
+
+
+def cached_weight(w: torch.Tensor, quantize) -> object:
+    """`quantize(w)` once per version of the parameter behind `w`: weights change only at optimizer steps
+    (and loads), so every micro-batch's forward and backward of a step share one quantization."""
+    base = w if w._base is None else w._base
+    key = (base._version, base.data_ptr(), w.shape, w.stride(), w.storage_offset(), quantize)
+    hit = _weight_cache.get(base)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = quantize(w.detach())
+    _weight_cache[base] = (key, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
@@ -190,27 +259,37 @@ class _FP8Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         n, k = weight.shape
         x2 = x.reshape(-1, k)
+        ctx.shape, ctx.x_dtype, ctx.cuda = x.shape, x.dtype, _use_cuda(x2, "auto")
+        if not ctx.cuda:  # emulation: the same numbers from fake-quantized FP32 operands
+            xf, wf = fake_tiles(x2), cached_weight(weight, fake_blocks)
+            ctx.save_for_backward(xf, wf)
+            with torch.autocast(x.device.type, enabled=False):
+                return (xf @ wf.t()).to(out_dtype).reshape(*x.shape[:-1], n)
         # rows padded to a multiple of 16 (cuBLASLt; zero rows quantize to zero and add nothing)
         xq, xs = quantize_tiles(_pad(x2, 0, 16))  # [M16, Kp]: cached in FP8 for backward (report §3.3.3)
-        wq, ws = quantize_blocks(weight)  # [Np, Kp]
+        wq, ws = cached_weight(weight, quantize_blocks)  # [Np, Kp]
         ctx.save_for_backward(xq, xs, wq, ws)
-        ctx.shape, ctx.x_dtype = x.shape, x.dtype
         return gemm_tiles_blocks(xq, xs, wq, ws, out_dtype)[: x2.shape[0], :n].reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, xs, wq, ws = ctx.saved_tensors
         *lead, k = ctx.shape
-        n = dy.shape[-1]
-        dy = _pad(dy.reshape(-1, n), 0, 16)  # [M16, N], as x's rows
+        n, m = dy.shape[-1], math.prod(lead)
+        dy = dy.reshape(-1, n)
         with torch.autocast(dy.device.type, enabled=False):
+            if not ctx.cuda:
+                xf, wf = ctx.saved_tensors
+                dx = fake_tiles(dy) @ wf  # Dgrad: dy in 1x128 tiles along N, W's blocks
+                dw = fake_columns(dy).t() @ fake_columns(xf)  # Wgrad: both in 128x1 tiles along the tokens
+                return dx.to(ctx.x_dtype).reshape(*lead, k), dw, None
+            xq, xs, wq, ws = ctx.saved_tensors
+            dy = _pad(dy, 0, 16)  # [M16, N], as x's rows
             # Dgrad: dx = dy W, dy in 1x128 tiles along N, W's 128x128 blocks read transposed
             dyq, dys = quantize_tiles(dy)
             dx = gemm_tiles_blocks(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), ctx.x_dtype)
             # Wgrad: dW = dy^T x, both operands in 128x1 tiles (along the tokens), FP32 result
             x = dequantize_tiles(xq, xs, k)
             dw = gemm_tiles_tiles(*quantize_tiles(_pad(dy.t(), 0, 16)), *quantize_tiles(_pad(x.t(), 0, 16)))
-        m = math.prod(lead)
         return dx[:m, :k].reshape(*lead, k), dw[:n, :k], None
 
 
@@ -238,25 +317,13 @@ def _group_tiles(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, 
     return first[group] + (rows - starts[group]) // TILE, tiles.sum()
 
 
-def fake_quantize_grouped_columns(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [M, C] through FP8 in 128x1 tiles (per channel, per 128 rows of the same group) and back."""
-    tile, count = _group_tiles(x, offsets)
-    amax = x.new_zeros(int(count), x.shape[1], dtype=torch.float32)
-    amax.scatter_reduce_(0, tile[:, None].expand_as(x), x.abs().float(), "amax")
-    s = _scale(amax)[tile]
-    return _cast(x, s).float() * s
-
-
 def _grouped(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Grouped product of dequantized FP8 operands, FP32 out. [M, K] x [G, K, N] (or [N, M] x [M, K] for
     Wgrad). On CPU in FP32; on CUDA through the BF16 grouped kernel (PyTorch has no blockwise-FP8 grouped
     GEMM): a dequantized E4M3 value rounded to BF16 moves by at most 2^-9 relative, FP32 accumulation."""
     if a.is_cuda:
-        return torch._grouped_mm(a.bfloat16(), b.bfloat16(), offs=offsets).float()
-    if all(step % 4 == 0 for t in (a, b) for step in t.stride() if step != 1):  # the kernel's 16-byte rule
-        return torch._grouped_mm(a, b, offs=offsets)
-    ends = offsets.tolist()
-    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip([0, *ends[:-1]], ends)])
+        return grouped_mm(a.bfloat16(), b.bfloat16(), offsets).float()
+    return grouped_mm(a, b, offsets)
 
 
 class _FP8GroupedMM(torch.autograd.Function):
@@ -264,26 +331,18 @@ class _FP8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, offsets, out_dtype):
-        k = x.shape[-1]
-        xq, xs = quantize_tiles(x)
-        wq, ws = quantize_blocks(w)
-        ctx.save_for_backward(xq, xs, wq, ws, offsets)
-        ctx.k, ctx.x_dtype = k, x.dtype
+        xf, wf = fake_tiles(x), cached_weight(w, fake_blocks)  # [M, K], [G, N, K]
+        ctx.save_for_backward(xf, wf, offsets)
+        ctx.x_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            wd = dequantize_blocks(wq, ws, w.shape)
-            return _grouped(dequantize_tiles(xq, xs, k), wd.transpose(1, 2), offsets).to(out_dtype)
+            return _grouped(xf, wf.transpose(1, 2), offsets).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xq, xs, wq, ws, offsets = ctx.saved_tensors
-        k, n = ctx.k, dy.shape[-1]
+        xf, wf, offsets = ctx.saved_tensors
         with torch.autocast(dy.device.type, enabled=False):
-            wd = dequantize_blocks(wq, ws)[:, :n, :k]  # [G, N, K]
-            dx = _grouped(dequantize_tiles(*quantize_tiles(dy), n), wd, offsets)
-            x = dequantize_tiles(xq, xs, k)
-            dyt = fake_quantize_grouped_columns(dy, offsets)
-            xt = fake_quantize_grouped_columns(x, offsets)
-            dw = _grouped(dyt.t(), xt, offsets)  # dW[g] = dy_g^T x_g
+            dx = _grouped(fake_tiles(dy), wf, offsets)
+            dw = _grouped(fake_columns(dy, offsets).t(), fake_columns(xf, offsets), offsets)  # dW[g] = dy_g^T x_g
         return dx.to(ctx.x_dtype), dw, None, None
 
 

@@ -58,7 +58,7 @@ def config_from_hf(c: dict) -> ModelConfig:
     if rs.get("rope_type", rs.get("type")) == "yarn":
         yarn = YarnConfig(factor=rs["factor"], original_seq_len=rs["original_max_position_embeddings"],
                           beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
-                          mscale=rs.get("mscale", 1), mscale_all_dim=rs.get("mscale_all_dim", 0))
+                          mscale=rs.get("mscale") or 0, mscale_all_dim=rs.get("mscale_all_dim") or 0)
     return ModelConfig(
         vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
         n_dense_layers=c["first_k_dense_replace"], inter_dim=c["intermediate_size"],

@@ -39,7 +39,8 @@ class Gate(nn.Module):
         """x: [N, dim] -> gate values [N, K_r], expert indices [N, K_r], affinities s [N, N_r] (fp32)."""
         cfg = self.cfg
         xf = upcast(x)
-        scores = F.linear(xf, self.weight.to(xf.dtype)).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # autocast would recast the affinities to BF16
+            scores = F.linear(xf, self.weight.to(xf.dtype)).sigmoid()
         choice = scores + self.bias.to(xf.dtype)
         if cfg.n_expert_groups > 1:
             groups = choice.view(x.shape[0], cfg.n_expert_groups, -1)  # [N, G, N_r / G]
@@ -52,16 +53,27 @@ class Gate(nn.Module):
         return gates.type_as(x), indices, scores
 
 
+def _kernel_runs(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: a supported dtype, and every stride but the unit one
+    (and the start) 16-byte aligned, which e.g. dim or moe_inter_dim not a multiple of 4 (FP32) breaks."""
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16) if tensors[0].is_cpu else (torch.bfloat16,)
+    return hasattr(torch, "_grouped_mm") and all(
+        t.dtype in kernel_dtypes and t.data_ptr() % 16 == 0
+        and all(step * t.element_size() % 16 == 0 for step in t.stride() if step != 1) for t in tensors)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of x, sorted by group, times that group's matrix. x: [M, K], w: [G, K, N], offsets: [G] ends."""
+    """Rows of x, sorted by group, times that group's matrix: x [M, K] @ w [G, K, N] -> [M, N]; or, for a
+    weight gradient, x [N, M] @ w [M, K] with the groups along M -> [G, N, K]. offsets: [G] group ends."""
     if torch.is_autocast_enabled(x.device.type):  # like F.linear: compute in the autocast dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16) if x.device.type == "cpu" else (torch.bfloat16,)
-    if hasattr(torch, "_grouped_mm") and x.dtype in kernel_dtypes:
+    if _kernel_runs(x, w):
         return torch._grouped_mm(x, w, offs=offsets)
-    ends = offsets.tolist()  # fallback for devices / dtypes without a grouped kernel
+    ends = offsets.tolist()  # a loop over the groups where the kernel does not run
     starts = [0] + ends[:-1]
+    if w.ndim == 2:
+        return torch.stack([x[:, s:e] @ w[s:e] for s, e in zip(starts, ends)])
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
 
 
@@ -109,6 +121,7 @@ class MoE(nn.Module):
         out = self.experts(flat, indices, gates, counts)
         if self.shared is not None:
             out = out + self.shared(flat)
+        self.balance_loss = None  # only a training pass has one: an eval pass must not add a stale one
         if self.training:
             self.loads += counts.to(self.loads.dtype)
             self.balance_loss = self.sequence_balance_loss(indices.view(B, T, -1), scores.view(B, T, -1))

@@ -17,8 +17,8 @@ from torch.distributed.fsdp import fully_shard
 from tests.conftest import MICRO
 from v3flow.config import load_config
 from v3flow.model.transformer import Block, Transformer
-from v3flow.stages.pretrain import checkpoint
-from v3flow.stages.pretrain.optim import AdamW
+from v3flow.training import checkpoint
+from v3flow.training.optim import AdamW
 
 
 def sharded(model: Transformer, mesh) -> Transformer:

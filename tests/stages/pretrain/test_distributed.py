@@ -11,7 +11,7 @@ import torch
 
 from tests.stages.pretrain.conftest import losses, write_run
 from v3flow.stages.pretrain import TrainingError, launch
-from v3flow.stages.pretrain.checkpoint import latest
+from v3flow.training.checkpoint import latest
 
 ROOT = Path(__file__).parents[3]
 TWO = ["pretrain.num_processes=2", "pretrain.micro_batch=2"]

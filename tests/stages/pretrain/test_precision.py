@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from tests.stages.pretrain.conftest import losses, write_run
 from v3flow.stages.pretrain import launch
-from v3flow.stages.pretrain.checkpoint import latest
-from v3flow.stages.pretrain.optim import AdamW
+from v3flow.training.checkpoint import latest
+from v3flow.training.optim import AdamW
 
 
 def params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -90,6 +90,17 @@ class Monitor:
         if self.main and "val_loss" in metrics:
             print(f"[pretrain] step {step}: validation loss {metrics['val_loss']:.4f}", flush=True)
 
+    def params(self, params: dict[str, str]) -> None:
+        """Settings chosen at run time (e.g. the precision), as MLflow params and in run_params.json."""
+        if not self.main:
+            return
+        path = self.file.with_name("run_params.json")
+        path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **params}, indent=2))
+        if self.run_id:
+            from v3flow import tracking
+
+            tracking.log_params(self.uri, self.run_id, params)
+
     def event(self, step: int, text: str) -> None:
         if self.main:
             print(f"[pretrain] step {step}: {text}", flush=True)
