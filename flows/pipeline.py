@@ -29,9 +29,10 @@ from v3flow.stages.pretrain.config import PretrainStageConfig
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
-        StageSpec("data", data_stage, lambda cfg: cfg.data),
+        StageSpec("data", data_stage, lambda cfg: cfg.data,
+                  libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy")),
         StageSpec("pretrain", pretrain_stage, lambda c: PretrainStageConfig(model=c.model, pretrain=c.pretrain),
-                  upstream=("data",)),
+                  upstream=("data",), libraries=("torch", "accelerate", "transformers", "safetensors", "numpy")),
     ]
 }
 

@@ -1,10 +1,12 @@
 """Runs one stage as a Prefect task: content-addressed caching, retries, MLflow child run, artifacts.
 
 Caching is Marin-style rather than Prefect's result cache: a stage's output folder is
-`<workdir>/<stage>/<key>`, where the key hashes the stage's config section, its upstream stages' keys and
-a fingerprint of its input files. A folder holding `result.json` is a finished stage, so the cache
-survives restarts of the Prefect server and disappears with the files it describes. Prefect still shows
-a reused stage as `Cached`, with a link to the MLflow run that produced it.
+`<workdir>/<stage>/<key>`, where the key hashes the stage's config section, its upstream stages' keys, a
+fingerprint of its input files, its code and its libraries' versions (v3flow/cache.py). A folder holding
+`result.json` is a finished stage, so the cache survives restarts of the Prefect server and disappears
+with the files it describes. Two runs that reach one key never write at once: the second waits for the
+first and reuses its result. Prefect still shows a reused stage as `Cached`, with a link to the MLflow run
+that produced it.
 """
 
 from __future__ import annotations
@@ -12,33 +14,59 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Completed
 
-from v3flow import tracking
-from v3flow.config import PipelineConfig, Section, section_hash
-from v3flow.stage import StageResult
+from v3flow import cache, tracking
+from v3flow.config import PipelineConfig, Section
+from v3flow.stage import RESULT_FILE, StageResult
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), config section, upstream."""
+    """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), config section, upstream
+    stages, and the libraries whose versions shape its outputs."""
 
     name: str
     module: object
     section: Callable[[PipelineConfig], Section]
     upstream: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
+
+
+def key_parts(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, str],
+              locate: cache.Locate = cache.installed) -> cache.KeyParts:
+    """What the stage's key hashes, given its upstream stages' keys."""
+    fingerprint = getattr(spec.module, "fingerprint", None)
+    return cache.KeyParts(
+        stage=spec.name, config=spec.section(cfg).hashable(), upstream={n: upstream[n] for n in spec.upstream},
+        inputs=fingerprint(spec.section(cfg), cfg.resolve) if fingerprint else "",
+        code=cache.code_hashes(spec.module.__name__, locate), libraries=cache.library_versions(spec.libraries))
 
 
 def stage_key(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult]) -> str:
-    extra = [f"{name}={inputs[name].key}" for name in spec.upstream]
-    fingerprint = getattr(spec.module, "fingerprint", None)
-    if fingerprint is not None:
-        extra.append(fingerprint(spec.section(cfg), cfg.resolve))
-    return section_hash(spec.section(cfg), *extra)
+    return key_parts(spec, cfg, {n: inputs[n].key for n in spec.upstream}).key()
+
+
+def dry_run(specs: list[StageSpec], cfg: PipelineConfig, locate: cache.Locate = cache.installed) -> list[dict]:
+    """Per stage in order: its key, whether it is cached, and for a miss what changed since it last ran."""
+    keys: dict[str, str] = {}
+    out = []
+    for spec in specs:
+        parts = key_parts(spec, cfg, keys, locate)
+        key = keys[spec.name] = parts.key()
+        stage_dir = cfg.workdir_path() / spec.name
+        cached = (stage_dir / key / RESULT_FILE).is_file()
+        last = None if cached else cache.last_finished(stage_dir, RESULT_FILE)
+        before = cache.KeyParts.load(last) if last else None
+        changes = cache.explain(parts, before) if before else []
+        out.append({"stage": spec.name, "key": key, "cached": cached, "out_dir": str(stage_dir / key),
+                    "last_run": str(last) if last else None, "changes": changes})
+    return out
 
 
 def _transient(task, task_run, state) -> bool:
@@ -56,8 +84,16 @@ def _transient(task, task_run, state) -> bool:
 def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
               parent_run_id: str, uri: str):
     log = get_run_logger()
-    key = stage_key(spec, cfg, inputs)
+    parts = key_parts(spec, cfg, {n: inputs[n].key for n in spec.upstream})
+    key = parts.key()
     out_dir = cfg.workdir_path() / spec.name / key
+    with cache.exclusive(out_dir, lambda: log.info(f"{spec.name}: another run is writing {out_dir}; waiting")):
+        return _run_locked(spec, cfg, inputs, force, parent_run_id, uri, parts, out_dir)
+
+
+def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
+                parent_run_id: str, uri: str, parts: cache.KeyParts, out_dir: Path):
+    log, key = get_run_logger(), parts.key()
     cached = None if force else StageResult.load(out_dir)
     section = spec.section(cfg)
     params = {**tracking.flatten(section.model_dump(mode="json")), "stage_key": key,
@@ -92,7 +128,8 @@ def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResul
     tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)
     tracking.log_text(uri, run_id, result.report_md, f"{spec.name}/report.md")
     tracking.end_run(uri, run_id)
-    result.save()
+    parts.save(out_dir)
+    result.save()  # last: result.json marks the folder finished
     _artifacts(spec.name, result, uri, run_id)
     return Completed(data=result)
 

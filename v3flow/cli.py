@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", type=_csv, default=[], help="comma-separated stages (default: all)")
     run.add_argument("--force", type=_csv, default=[], help="comma-separated stages to rerun even if cached")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run nothing: print each stage's key, whether it is cached, and for a miss what changed")
     params = sub.add_parser("params", help="parameter counts and KV-cache size of a config's model (no weights)")
     params.add_argument("config")
     params.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -71,6 +73,8 @@ def cmd_run(args) -> int:
     from v3flow.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # reject a bad config before starting anything
+    if args.dry_run:
+        return _dry_run(cfg, args)
     urls = servers.ensure_for_run(cfg.tracking.tracking_uri)
     os.environ.setdefault("V3FLOW_PROJECT", cfg.project_root or str(Path.cwd()))
     from v3flow.flows.pipeline import RunRequest, pipeline, plan
@@ -86,6 +90,28 @@ def cmd_run(args) -> int:
         how = "reused (cached)" if r["cached"] else "ran"
         print(f"  {name:10s} {how:16s} key {r['key']}  -> {r['out_dir']}")
     print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}  (experiment '{cfg.tracking.experiment}')")
+    return 0
+
+
+def _dry_run(cfg, args) -> int:
+    from v3flow.flows.pipeline import STAGES, plan
+    from v3flow.flows.runner import dry_run
+
+    rows = dry_run([STAGES[name] for name in plan(args.stages)], cfg)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    stale = False
+    for r in rows:
+        forced = r["stage"] in args.force
+        stale = stale or forced or not r["cached"]
+        what = "forced" if forced else "cached" if r["cached"] else "would run"
+        print(f"  {r['stage']:10s} {what:10s} key {r['key']}  -> {r['out_dir']}")
+        if not r["cached"] and not forced:
+            if r["last_run"] is None:
+                print("             never ran with this workdir")
+            for change in r["changes"] or (["(only an upstream stage changed)"] if r["last_run"] else []):
+                print(f"             {change}  [since {Path(r['last_run']).name}]")
     return 0
 
 

@@ -1,7 +1,9 @@
 """What every stage returns: small manifests (paths, hashes, metrics), never tensors or documents.
 
 A finished stage writes its `StageResult` as `result.json` in its content-addressed output folder; that
-file is the stage's "done" marker, so a later run with the same key reuses the folder as it is.
+file is the stage's "done" marker, so a later run with the same key reuses the folder as it is. Paths in
+it are stored relative to the folder, so a workdir copied to another machine (a GPU box) or mounted
+elsewhere still resolves.
 """
 
 from __future__ import annotations
@@ -27,15 +29,35 @@ class StageResult:
     mlflow_run_id: str | None = None  # the run that produced it (set by the flow)
 
     def save(self) -> Path:
-        path = Path(self.out_dir) / RESULT_FILE
+        root = Path(self.out_dir)
+        record = asdict(self)
+        record["out_dir"] = "."
+        record["outputs"] = {k: _relative(v, root) for k, v in self.outputs.items()}
+        record["artifacts"] = [_relative(v, root) for v in self.artifacts]
+        path = root / RESULT_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, out_dir: Path) -> StageResult | None:
-        path = Path(out_dir) / RESULT_FILE
+        """The finished result in `out_dir`, its paths resolved against where the folder is now."""
+        root = Path(out_dir).resolve()
+        path = root / RESULT_FILE
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        record["out_dir"] = str(root)
+        record["outputs"] = {k: str(root / v) for k, v in record["outputs"].items()}
+        record["artifacts"] = [str(root / v) for v in record["artifacts"]]
+        return cls(**record)
+
+
+def _relative(path: str, root: Path) -> str:
+    """`path` relative to the stage folder (absolute when it lies outside it)."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(p)

@@ -9,6 +9,7 @@ hands it its child run through `MLFLOW_RUN_ID`, which HF's MLflowCallback and ac
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,11 +89,20 @@ def log_params(uri: str, run_id: str, params: dict[str, str]) -> None:
         client(uri).log_batch(run_id, params=items[i : i + 100])
 
 
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """`name` with the characters MLflow refuses in a metric name (anything but alphanumerics and `_-. :/`)
+    replaced by `_`: `tokens_s.transformers[default]` -> `tokens_s.transformers_default_`."""
+    return _NOT_IN_A_NAME.sub("_", name)
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     import time
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
         client(uri).log_batch(run_id, metrics=items[i : i + 1000])
 

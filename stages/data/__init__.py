@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from v3flow.config import DataConfig
+from v3flow.stages.data.config import DataConfig
 from v3flow.errors import DataError
 from v3flow.stage import StageResult
 from v3flow.stages.data import bpe, packing, readers, report, steps

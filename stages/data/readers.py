@@ -23,7 +23,7 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.readers.huggingface import HuggingFaceDatasetReader
 from datatrove.pipeline.readers.parquet import ParquetReader
 
-from v3flow.config import SourceConfig
+from v3flow.stages.data.config import SourceConfig
 from v3flow.errors import DataError
 
 DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet",

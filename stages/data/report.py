@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from v3flow.config import DataConfig
+from v3flow.stages.data.config import DataConfig
 from v3flow.stages.data.packing import PackStats
 from v3flow.stages.data.readers import read_documents
 

@@ -35,7 +35,7 @@ from datatrove.pipeline.tokens import DocumentTokenizer
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
-from v3flow.config import ExecutorSettings, MinhashSettings
+from v3flow.stages.data.config import ExecutorSettings, MinhashSettings
 from v3flow.errors import DataError
 
 

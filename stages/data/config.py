@@ -1,0 +1,163 @@
+"""Config of the data stage: sources, normalisation, filters, dedup, tokenizer, packing, executor."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from v3flow.section import Section
+
+
+class SourceConfig(Section):
+    """One corpus source. `dataset: NAME` pulls the rest of the fields from data/datasets/NAME.yaml."""
+
+    name: str = Field(description="Short name, used in document ids and per-source statistics.")
+    kind: Literal["stdlib", "jsonl", "parquet", "text", "hf_dataset"] = Field(
+        description="stdlib: this Python's standard library sources (a real corpus on every machine); "
+        "jsonl / parquet / text: a local file or folder; hf_dataset: a `datasets` folder saved with save_to_disk."
+    )
+    path: str | None = Field(None, description="File or folder; not used by `stdlib`.")
+    glob: str | None = Field(None, description="Glob pattern of files inside `path` (default by kind).")
+    include: list[str] = Field(default_factory=list, description="Only files matching one of these globs.")
+    exclude: list[str] = Field(default_factory=list, description="Skip files matching any of these globs.")
+    text_key: str = "text"
+    id_key: str = "id"
+    template: str | None = Field(
+        None, description="Build the text from several fields, e.g. '{question}\\n{answer}' (jsonl/parquet)."
+    )
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight in the training mix: 2.0 uses each document twice, 0.5 half of "
+        "them (seeded, per document). Validation keeps the natural distribution."
+    )
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> SourceConfig:
+        if self.kind != "stdlib" and not self.path:
+            raise ValueError(f"source '{self.name}' of kind {self.kind} needs a `path`")
+        return self
+
+
+class NormalizeConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    strip_trailing_whitespace: bool = True
+    max_consecutive_blank_lines: int = Field(2, ge=0)
+
+
+class FilterConfig(Section):
+    """Quality filters; a failing document goes to the quarantine file with the reason."""
+
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(1_000_000, gt=0, description="Larger documents are quarantined as oversized.")
+    max_duplicate_line_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of non-blank lines that repeat an earlier line of the document."
+    )
+    max_top_line_fraction: float = Field(0.3, ge=0, le=1, description="Share of characters in the most common line.")
+    min_text_char_fraction: float = Field(
+        0.8, ge=0, le=1, description="Share of characters that are letters, digits, whitespace or punctuation."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FilterConfig:
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars={self.min_chars} must be below max_chars={self.max_chars}")
+        return self
+
+
+class MinhashSettings(Section):
+    """MinHash LSH near-dedup: `bands` buckets of `rows` hashes over word `n_grams`.
+
+    A pair of documents with Jaccard similarity s collides in some band with probability
+    1 - (1 - s^rows)^bands; the midpoint of that S-curve is about (1/bands)^(1/rows).
+    FineWeb uses 5-grams, 14 bands x 8 rows (threshold ~0.72).
+    """
+
+    enabled: bool = True
+    n_grams: int = Field(5, ge=1)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    seed: int = 1
+
+    @property
+    def threshold(self) -> float:
+        return (1 / self.bands) ** (1 / self.rows)
+
+
+class TokenizerSettings(Section):
+    vocab_size: int = Field(
+        4096, description="Byte-level BPE vocabulary incl. special tokens (DeepSeek-V3: 128K, 129,280 entries)."
+    )
+    min_frequency: int = Field(2, ge=1)
+    max_training_chars: int = Field(
+        200_000_000, gt=0, description="Train the BPE on at most this many characters of the deduplicated corpus."
+    )
+
+    @model_validator(mode="after")
+    def _room_for_merges(self) -> TokenizerSettings:
+        if self.vocab_size <= 512:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} leaves no room for merges: byte-level BPE needs 256 byte tokens "
+                "plus the special tokens; use at least 513"
+            )
+        return self
+
+
+class PackingSettings(Section):
+    seq_len: int = Field(512, ge=8, description="Tokens per training sequence (DeepSeek-V3: 4096).")
+    fim_rate: float = Field(0.1, ge=0, le=1, description="Share of documents rearranged as PSM FIM (DeepSeek-V3: 0.1).")
+    val_fraction: float = Field(0.02, gt=0, lt=1, description="Share of documents held out for validation.")
+    sequences_per_shard: int = Field(8192, gt=0)
+    seed: int = 1234
+
+
+class SlurmSettings(Section):
+    partition: str | None = None
+    time: str = "12:00:00"
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)
+    sbatch_args: dict[str, str] = Field(default_factory=dict)
+
+
+class RaySettings(Section):
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)
+
+
+class ExecutorSettings(Section):
+    """Which datatrove executor runs the data steps. Only `tasks` changes outputs (it shards the corpus)."""
+
+    unhashed: ClassVar[frozenset[str]] = frozenset({"kind", "workers", "slurm", "ray"})
+    kind: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = Field(2, ge=1, description="Shards of the corpus; each step runs one task per shard.")
+    workers: int = Field(2, ge=1, description="Tasks run at once (local executor).")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+    @model_validator(mode="after")
+    def _cluster_settings(self) -> ExecutorSettings:
+        if self.kind == "slurm" and not self.slurm.partition:
+            raise ValueError("executor kind 'slurm' needs slurm.partition")
+        return self
+
+
+class DataConfig(Section):
+    """Data preparation: read, normalise, filter, exact + MinHash dedup, BPE, tokenize, pack (+FIM)."""
+
+    unhashed: ClassVar[frozenset[str]] = frozenset()
+    sources: list[SourceConfig] = Field(min_length=1)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    exact_dedup: bool = True
+    minhash: MinhashSettings = Field(default_factory=MinhashSettings)
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    packing: PackingSettings = Field(default_factory=PackingSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
