@@ -18,7 +18,8 @@ from pathlib import Path
 
 from record import record
 
-from v3flow.config import load_config, section_hash
+from v3flow.flows.config import load_config
+from v3flow.section import section_hash
 from v3flow.stages.data import run
 
 STEPS = ["read_filter", "exact_dedup", "minhash_dedup", "train_tokenizer", "tokenize", "pack"]

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 
 
 def data_outputs(cfg, args) -> dict:

@@ -18,7 +18,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from v3flow import tracking
-from v3flow.config import load_config, section_hash
+from v3flow.flows.config import load_config
+from v3flow.section import section_hash
 from v3flow.errors import ConfigError
 from v3flow.flows.runner import StageSpec, run_stage
 from v3flow.stage import StageResult

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 from v3flow import cache
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.flows.pipeline import STAGES
 from v3flow.flows.runner import dry_run
 from v3flow.stage import StageResult

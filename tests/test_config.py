@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import MICRO, TINY
 from v3flow.cli import main
-from v3flow.config import load_config, section_hash
+from v3flow.flows.config import load_config
+from v3flow.section import section_hash
 from v3flow.errors import ConfigError
 
 

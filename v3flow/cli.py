@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from v3flow.config import load_config, section_hash
+    from v3flow.flows.config import load_config
+    from v3flow.section import section_hash
 
     cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: valid (config '{cfg.name}', hash {section_hash(cfg)}, data hash {section_hash(cfg.data)})")
@@ -70,7 +71,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from v3flow import servers
-    from v3flow.config import load_config
+    from v3flow.flows.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # reject a bad config before starting anything
     if args.dry_run:
@@ -116,10 +117,10 @@ def _dry_run(cfg, args) -> int:
 
 
 def cmd_params(args) -> int:
-    from v3flow.config import load_config
+    from v3flow.flows.config import load_config
     from v3flow.model.params import report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, require_set=False)  # reads the model only
     print(f"{cfg.name}:\n{report(cfg.model)}")
     return 0
 

@@ -1,101 +1,50 @@
-"""The pipeline's one typed config: each stage's pydantic model (in its own package), nested into `PipelineConfig`.
+"""Loading configs: YAML with `base:` inheritance, command-line overrides, placeholders, and errors that name
+the file, the line and the key. It knows no stage: each stage's schema lives with its stage, and the pipeline
+config that composes them lives above the stages (flows/config.py).
 
-A config is a YAML file, optionally inheriting from another through `base: other.yaml`, plus command-line
-overrides (`--set data.minhash.bands=20`). Everything is validated before any work starts: unknown keys,
-wrong types and impossible combinations raise `ConfigError` naming the file, the line and the key.
-
-Each section has a stable content hash (`section_hash`) that the flows use as the stage's cache key and
-lineage tag. Fields that cannot change a stage's outputs (how many workers run it, where) are left out of
-that hash, so moving a run from a laptop to Slurm reuses its results.
+A config is a YAML file, optionally inheriting from another through `base: other.yaml` (merged key by key),
+plus overrides (`--set data.minhash.bands=20`). A value written `???` is a placeholder that must be set (the
+671B config's corpus): a config that still holds one is refused before any work starts, unless the caller
+only reads it (`v3flow params`). Validation errors (unknown keys, wrong types, impossible combinations)
+raise `ConfigError` naming the file, the line and the key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from v3flow.errors import ConfigError
-from v3flow.model.args import ModelConfig
 from v3flow.section import Section, section_hash
-from v3flow.stages.data.config import DataConfig, ExecutorSettings, MinhashSettings, SourceConfig
-from v3flow.stages.pretrain.config import PretrainConfig
 
-__all__ = ["DataConfig", "ExecutorSettings", "MinhashSettings", "ModelConfig", "PipelineConfig", "Section",
-           "SourceConfig", "load_config", "section_hash"]
+__all__ = ["PLACEHOLDER", "ConfigError", "Section", "load", "read_yaml", "section_hash"]
 
-
-# ------------------------------------------------------------------------------------------ pipeline
-class TrackingConfig(Section):
-    experiment: str = "v3flow"
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
+PLACEHOLDER = "???"
+S = TypeVar("S", bound=Section)
 
 
-class PipelineConfig(Section):
-    """The whole pipeline; one section per stage."""
-
-    name: str
-    seed: int = 1234
-    workdir: str = Field("data/outputs", description="Stage outputs, content-addressed (relative: to the project).")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-
-    # Set by the loader, not part of the YAML schema.
-    source_file: str | None = Field(None, exclude=True)
-    project_root: str | None = Field(None, exclude=True)
-
-    @model_validator(mode="after")
-    def _vocab_matches_tokenizer(self) -> PipelineConfig:
-        if self.model.vocab_size != self.data.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal "
-                             f"data.tokenizer.vocab_size={self.data.tokenizer.vocab_size}")
-        return self
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> PipelineConfig:
-        p = self.pretrain
-        unit = p.micro_batch * p.num_processes
-        if p.schedule.batch_start < unit:
-            raise ValueError(f"pretrain.schedule.batch_start={p.schedule.batch_start} is below micro_batch x "
-                             f"num_processes = {unit}")
-        if self.model.max_seq_len < self.data.packing.seq_len:
-            raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is below data.packing.seq_len="
-                             f"{self.data.packing.seq_len}")
-        return self
-
-    def workdir_path(self) -> Path:
-        path = Path(self.workdir)
-        return path if path.is_absolute() else Path(self.project_root or ".") / path
-
-    def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else Path(self.project_root or ".") / p
-
-
-# -------------------------------------------------------------------------------------------- loading
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load, merge (`base:`), override (`key=value`) and validate a pipeline config."""
+def load(schema: type[S], path: str | Path, overrides: list[str] | None = None, require_set: bool = True,
+         expand: Callable[[dict, Path, Path], None] | None = None) -> tuple[S, Path]:
+    """Load, merge (`base:`), override (`key=value`), `expand` (raw dict, project root, config path) and
+    validate a config against `schema`; returns it with the project root (the folder holding data/ or
+    pyproject.toml above the file)."""
     path = Path(path).resolve()
     raw = _load_yaml_with_base(path, seen=())
     for item in overrides or []:
         _apply_override(raw, item)
     root = _project_root(path)
-    _resolve_datasets(raw, root, path)
+    if expand is not None:
+        expand(raw, root, path)
+    if require_set:
+        _refuse_placeholders(raw, path, overrides or [])
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        return schema.model_validate(raw), root
     except ValidationError as err:
         raise ConfigError(_explain(err, path, overrides or [])) from None
-    cfg.source_file = str(path)
-    cfg.project_root = str(root)
-    accelerate_config = cfg.pretrain.accelerate_config
-    if cfg.pretrain.launcher == "accelerate" and not cfg.resolve(accelerate_config).is_file():
-        raise ConfigError(f"{path}: pretrain.accelerate_config={accelerate_config!r}: no such file "
-                          f"{cfg.resolve(accelerate_config)}")
-    return cfg
 
 
 def _project_root(config_path: Path) -> Path:
@@ -105,7 +54,7 @@ def _project_root(config_path: Path) -> Path:
     return Path.cwd()
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -124,17 +73,17 @@ def _read_yaml(path: Path) -> dict:
 def _load_yaml_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     if path in seen:
         raise ConfigError(f"{path}: `base:` cycle through {' -> '.join(map(str, seen))}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(_load_yaml_with_base((path.parent / base).resolve(), seen + (path,)), data)
+    return deep_merge(_load_yaml_with_base((path.parent / base).resolve(), seen + (path,)), data)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -174,32 +123,22 @@ def _index(node: list, part: str, where: str) -> int:
     return int(part)
 
 
-def _resolve_datasets(raw: dict, root: Path, config_path: Path) -> None:
-    """Expand `data.mixture: NAME` (data/mixtures/NAME.yaml; it replaces data.sources), then replace each
-    `{dataset: NAME, ...}` source entry by data/datasets/NAME.yaml merged with the entry."""
-    data = raw.get("data") or {}
-    if "mixture" in data:
-        name = data.pop("mixture")
-        definition = _definition(root, "mixtures", name, config_path, "data.mixture")
-        data["sources"] = _read_yaml(definition).get("sources")
-    sources = data.get("sources")
-    if not isinstance(sources, list):
+def _placeholders(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _placeholders(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, value in enumerate(node) for k in _placeholders(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if node == PLACEHOLDER else []
+
+
+def _refuse_placeholders(raw: dict, path: Path, overrides: list[str]) -> None:
+    unset = _placeholders(raw)
+    if not unset:
         return
-    for i, entry in enumerate(sources):
-        if isinstance(entry, dict) and "dataset" in entry:
-            name = entry["dataset"]
-            definition = _definition(root, "datasets", name, config_path, f"data.sources.{i}.dataset")
-            merged = _deep_merge(_read_yaml(definition), {k: v for k, v in entry.items() if k != "dataset"})
-            merged.setdefault("name", name)
-            sources[i] = merged
-
-
-def _definition(root: Path, kind: str, name: str, config_path: Path, key: str) -> Path:
-    path = root / "data" / kind / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (root / "data" / kind).glob("*.yaml"))
-        raise ConfigError(f"{config_path}: {key}={name!r}: no {path} (known: {known})")
-    return path
+    lines = _key_lines(path)
+    where = {k: f"line {lines[k]}" if k in lines else "in a base file" for k in unset}
+    raise ConfigError(f"{path}: placeholders ({PLACEHOLDER}) that must be set:\n" + "\n".join(
+        f"  {k} [{where[k]}]; set it with --set {k}=VALUE" for k in unset))
 
 
 def _explain(err: ValidationError, path: Path, overrides: list[str]) -> str:

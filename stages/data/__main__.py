@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.stages.data import run
 
 cfg = load_config(sys.argv[1], sys.argv[3:])

@@ -1,11 +1,19 @@
-"""Config of the data stage: sources, normalisation, filters, dedup, tokenizer, packing, executor."""
+"""Config of the data stage: sources, normalisation, filters, dedup, tokenizer, packing, executor.
+
+Sources can be named rather than spelled out: `{dataset: NAME, ...}` takes its fields from
+data/datasets/NAME.yaml, and `data.mixture: NAME` replaces the sources by data/mixtures/NAME.yaml
+(`expand_sources`, applied while the YAML is loaded).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from v3flow.config import deep_merge, read_yaml
+from v3flow.errors import ConfigError
 from v3flow.section import Section
 
 
@@ -161,3 +169,30 @@ class DataConfig(Section):
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
         return self
+
+
+def expand_sources(data: dict, root: Path, config_path: Path) -> None:
+    """Expand `mixture: NAME` (data/mixtures/NAME.yaml; it replaces `sources`), then replace each
+    `{dataset: NAME, ...}` source entry by data/datasets/NAME.yaml merged with the entry (in place, on the
+    raw `data` section)."""
+    if "mixture" in data:
+        name = data.pop("mixture")
+        data["sources"] = read_yaml(_definition(root, "mixtures", name, config_path, "data.mixture")).get("sources")
+    sources = data.get("sources")
+    if not isinstance(sources, list):
+        return
+    for i, entry in enumerate(sources):
+        if isinstance(entry, dict) and "dataset" in entry:
+            name = entry["dataset"]
+            definition = _definition(root, "datasets", name, config_path, f"data.sources.{i}.dataset")
+            merged = deep_merge(read_yaml(definition), {k: v for k, v in entry.items() if k != "dataset"})
+            merged.setdefault("name", name)
+            sources[i] = merged
+
+
+def _definition(root: Path, kind: str, name: str, config_path: Path, key: str) -> Path:
+    path = root / "data" / kind / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "data" / kind).glob("*.yaml"))
+        raise ConfigError(f"{config_path}: {key}={name!r}: no {path} (known: {known})")
+    return path

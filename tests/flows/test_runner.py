@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.states import Completed, Failed
 
 from tests.conftest import MICRO
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.flows.pipeline import STAGES, plan
 from v3flow.flows.runner import _transient, stage_key
 

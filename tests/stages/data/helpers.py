@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from tests.conftest import MICRO
-from v3flow.config import SourceConfig, load_config
+from v3flow.flows.config import load_config
+from v3flow.stages.data.config import SourceConfig
 from v3flow.stages.data import run
 
 

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import MICRO
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.stages.data import run
 from v3flow.stages.data.packing import unigram_entropy
 from v3flow.stages.data.readers import read_documents

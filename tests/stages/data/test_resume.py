@@ -6,7 +6,7 @@ import json
 import shutil
 
 from tests.conftest import MICRO
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.stages.data import run
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MICRO
-from v3flow.config import load_config
+from v3flow.flows.config import load_config
 from v3flow.stages.data import run as run_data
 from v3flow.stages.pretrain.config import PretrainStageConfig
 

@@ -1,0 +1,74 @@
+"""configs/deepseek-v3-671b.yaml holds the report's recipe (arXiv 2412.19437), section by section; it stands
+alone, and its corpus is a placeholder that must be set before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT
+from v3flow.errors import ConfigError
+from v3flow.flows.config import load_config
+from v3flow.model.args import ModelConfig
+
+V3 = ROOT / "configs" / "deepseek-v3-671b.yaml"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(V3, ["data.sources.0.path=/data/corpus"])
+
+
+def test_the_671b_config_stands_alone():
+    assert "base:" not in V3.read_text()
+
+
+def test_corpus_placeholder_must_be_set():
+    with pytest.raises(ConfigError) as err:
+        load_config(V3)
+    assert "data.sources.0.path [line " in str(err.value) and "--set data.sources.0.path=" in str(err.value)
+    small = ROOT / "configs" / "small.yaml"
+    with pytest.raises(ConfigError, match="data.sources.0.path"):  # inherits the placeholder
+        load_config(small)
+    assert load_config(small, ["data.sources.0.path=/data/corpus"]).model.dim == 1536
+
+
+def test_data_section(cfg):  # §4.1
+    d = cfg.data
+    assert d.tokenizer.vocab_size == 129_280 and d.packing.seq_len == 4096 and d.packing.fim_rate == 0.1
+    assert d.exact_dedup and d.minhash.enabled
+
+
+def test_model_section(cfg):  # §4.2, config_671B.json
+    assert cfg.model == ModelConfig()
+    m = cfg.model
+    assert (m.dim, m.n_layers, m.n_dense_layers, m.n_heads) == (7168, 61, 3, 128)
+    assert (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (
+        1536, 512, 128, 64, 128)
+    assert (m.n_routed_experts, m.n_shared_experts, m.n_activated_experts, m.moe_inter_dim) == (256, 1, 8, 2048)
+    assert (m.n_expert_groups, m.n_limited_groups, m.route_scale, m.mtp_depth) == (8, 4, 2.5, 1)
+    assert (m.init_std, m.max_seq_len, m.yarn) == (0.006, 4096, None)
+
+
+def test_pretraining_recipe(cfg):  # §3.3 FP8, §4.2 hyperparameters
+    p, s = cfg.pretrain, cfg.pretrain.schedule
+    assert (p.precision, p.high_precision, p.moment_dtype) == ("fp8", "bf16", "bfloat16")
+    assert (p.betas, p.weight_decay, p.grad_clip, p.balancing) == ((0.9, 0.95), 0.1, 1.0, "aux_free")
+    assert s.total_tokens == 14_800_000_000_000
+    assert (s.peak_lr, s.warmup_steps) == (2.2e-4, 2000)
+    # LR: peak until 10T, cosine to 2.2e-5 by 14.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B
+    assert s.constant_until * 14.8 == pytest.approx(10.0, abs=0.01)
+    assert s.decay_until * 14.8 == pytest.approx(14.3, abs=0.001)
+    assert s.peak_lr * s.decay_to == pytest.approx(2.2e-5)
+    assert (1 - s.tail_from) * 14.8e3 == pytest.approx(167, abs=0.5)
+    assert s.peak_lr * s.tail_lr == pytest.approx(7.3e-6, rel=1e-3)
+    T = s.total_tokens
+    assert s.lr(10_000, 0.5 * T) == 2.2e-4 and s.lr(10_000, 0.98 * T) == pytest.approx(2.2e-5)
+    assert s.lr(10_000, 0.999 * T) == pytest.approx(7.3e-6, rel=1e-3)
+    # batch 3072 -> 15360 sequences over the first 469B tokens
+    assert (s.batch_start, s.batch_end) == (3072, 15360)
+    assert s.batch_ramp_until * 14.8e3 == pytest.approx(469, abs=0.5)
+    assert s.batch_size(0) == 3072 and s.batch_size(int(0.05 * T)) == 15360
+    # MTP lambda 0.3 for the first 10T, 0.1 after; gamma 0.001 until 14.3T, then 0; alpha 1e-4
+    assert (s.mtp_lambda(0), s.mtp_lambda(int(0.7 * T))) == (0.3, 0.1)
+    assert (s.gamma(0), s.gamma(int(0.97 * T))) == (0.001, 0.0)
+    assert s.bias_off_from * 14.8 == pytest.approx(14.3, abs=0.001) and s.balance_alpha == 1e-4
