@@ -27,7 +27,8 @@ def servers(tmp_path_factory):
     """Real Prefect + MLflow servers on free loopback ports, state in a temporary V3FLOW_HOME."""
     home = tmp_path_factory.mktemp("v3flow-home")
     env = {**os.environ, "V3FLOW_HOME": str(home), "V3FLOW_PREFECT_PORT": str(free_port()),
-           "V3FLOW_MLFLOW_PORT": str(free_port())}
+           "V3FLOW_MLFLOW_PORT": str(free_port()),
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}  # schedules make their runs within seconds
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         env.pop(key, None)
     v3flow = [sys.executable, "-m", "v3flow.cli"]

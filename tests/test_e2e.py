@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -30,7 +31,10 @@ def v3flow(env, *args, timeout=600) -> subprocess.CompletedProcess:
 
 
 def run_json(env, *args) -> dict:
-    out = v3flow(env, "run", str(MICRO), "--json", *args).stdout
+    return parse(v3flow(env, "run", str(MICRO), "--json", *args).stdout)
+
+
+def parse(out: str) -> dict:
     return json.loads(out[out.index("\n{") if not out.startswith("{") else 0:])
 
 
@@ -114,6 +118,22 @@ def test_changed_config_reruns_and_force_reruns(servers, first_run):
     assert forced["data"]["metrics"]["tokens"] == first["data"]["metrics"]["tokens"]
 
 
+def test_two_concurrent_runs_of_one_config_write_one_set_of_outputs(servers, tmp_path):
+    """The second run waits on the stage key's lock, then reuses what the first wrote."""
+    cmd = [sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--json", "--stages", "data",
+           "--set", f"workdir={tmp_path}"]
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen(cmd, env=servers, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+        time.sleep(2)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    results = [parse(out)["data"] for out, _ in outs]
+    assert results[0]["key"] == results[1]["key"] and sorted(r["cached"] for r in results) == [False, True]
+    assert len(list(tmp_path.glob("data/*/result.json"))) == 1 and len(list(tmp_path.glob("data/*/"))) == 1
+
+
 def test_bad_config_fails_before_any_run(servers):
     proc = subprocess.run([sys.executable, "-m", "v3flow.cli", "run", str(MICRO), "--set", "data.minhash.rowz=3"],
                           env=servers, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
@@ -144,6 +164,22 @@ def test_deployment_run_from_the_api(servers, tmp_path):
 
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
+
+
+def test_an_active_schedule_creates_runs(servers):
+    """Prefect's scheduler service turns an active schedule into scheduled flow runs (the UI's Upcoming tab).
+    With SQLAlchemy 2.1 it failed every loop ("Can't evaluate bulk DML statement", visible only in the
+    server log) and no scheduled run ever started; pyproject pins SQLAlchemy below 2.1."""
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()  # nothing runs during the test
+    with api(servers) as c:
+        flow_id = _ok(c.post("/flows/", json={"name": f"schedule-check-{uuid.uuid4().hex[:8]}"}))["id"]
+        schedule = {"schedule": {"interval": 86400, "anchor_date": tomorrow, "timezone": "UTC"}, "active": True}
+        deployment = _ok(c.post("/deployments/", json={"name": "nightly", "flow_id": flow_id,
+                                                       "schedules": [schedule]}))
+        query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+        runs = _wait_for(lambda: _ok(c.post("/flow_runs/filter", json=query)), 90)
+        c.delete(f"/deployments/{deployment['id']}")
+    assert runs[0]["state"]["type"] == "SCHEDULED" and runs[0]["auto_scheduled"]
 
 
 def _ok(r: httpx.Response) -> dict | None:
