@@ -1,4 +1,5 @@
-"""Where benchmark figures go: a run in MLflow experiment `v3flow-benchmarks` and benchmarks/results/NAME.json."""
+"""Where benchmark figures go: a run in MLflow experiment `v3flow-benchmarks` and benchmarks/results/NAME.json
+(V3FLOW_BENCH_RESULTS names another folder)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def record(name: str, summary: dict, tags: dict, params: dict, figures: dict | N
     for file_name, fig in (figures or {}).items():
         tracking.log_figure(uri, run_id, fig, file_name)
     tracking.end_run(uri, run_id)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("V3FLOW_BENCH_RESULTS") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({**tags, **params, **summary}, indent=2))
     print(f"logged to MLflow run {run_id} at {uri}")
     return run_id
