@@ -4,7 +4,7 @@
     python benchmarks/pretrain_speed.py --config configs/small.yaml --manifest DIR/packed/manifest.json \
         --tokenizer DIR/tokenizer --no-record --out small.json          (on a GPU machine without the servers)
 
-Uses the config's data stage output (from the content-addressed cache, or prepared first; or --manifest),
+Uses the config's packed data (from the content-addressed cache, or prepared first; or --manifest),
 runs the trainer at the full batch for --steps steps, and reports the median of the logged 5-step windows
 after the first (warm-up). MFU is model FLOPs/s over the measured peak of a matrix product on the same
 device (fp32 1024^3 on CPU, bf16 8192^3 on a GPU). Results go to MLflow (experiment `v3flow-benchmarks`)
@@ -27,13 +27,9 @@ from v3flow.flows.config import load_config
 def data_outputs(cfg, args) -> dict:
     if args.manifest:
         return {"manifest": args.manifest, "tokenizer": args.tokenizer}
-    from v3flow.flows.pipeline import STAGES
-    from v3flow.flows.runner import stage_key
-    from v3flow.stage import StageResult
-    from v3flow.stages.data import run as run_data
+    from v3flow.flows.pipeline import run_offline
 
-    out = cfg.workdir_path() / "data" / stage_key(STAGES["data"], cfg, {})
-    return (StageResult.load(out) or run_data(cfg.data, out, resolve=cfg.resolve)).outputs
+    return run_offline(cfg, ["pack"])["pack"].outputs
 
 
 def measure(cfg, data: dict, steps: int) -> dict:

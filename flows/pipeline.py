@@ -17,23 +17,26 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from v3flow import tracking
-from v3flow.flows.config import load_config
-from v3flow.section import section_hash
+from v3flow import cache, tracking
 from v3flow.errors import ConfigError
-from v3flow.flows.runner import StageSpec, run_stage
+from v3flow.flows.config import PipelineConfig, load_config
+from v3flow.flows.runner import StageSpec, key_parts, run_stage
+from v3flow.section import section_hash
 from v3flow.stage import StageResult
 from v3flow.stages import data as data_stage
+from v3flow.stages import pack as pack_stage
 from v3flow.stages import pretrain as pretrain_stage
 from v3flow.stages.pretrain.config import PretrainStageConfig
 
+TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("data", data_stage, lambda cfg: cfg.data,
                   libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy")),
+        StageSpec("pack", pack_stage, lambda cfg: cfg.data.packing, inputs={"corpus": "data"}, libraries=("numpy",)),
         StageSpec("pretrain", pretrain_stage, lambda c: PretrainStageConfig(model=c.model, pretrain=c.pretrain),
-                  upstream=("data",), libraries=("torch", "accelerate", "transformers", "safetensors", "numpy")),
+                  inputs={"data": "pack"}, libraries=TRAINING_LIBRARIES),
     ]
 }
 
@@ -85,7 +88,7 @@ def execute(request: RunRequest) -> dict[str, dict]:
     try:
         for name in order:
             spec = STAGES[name]
-            inputs = {up: results[up] for up in spec.upstream}
+            inputs = {role: results[stage] for role, stage in spec.inputs.items()}
             state = run_stage(spec, cfg, inputs, name in force, parent, uri, return_state=True)
             results[name] = state.result()
             if state.name == "Cached":
@@ -97,6 +100,27 @@ def execute(request: RunRequest) -> dict[str, dict]:
     tracking.end_run(uri, parent)
     return {name: {"key": r.key, "out_dir": r.out_dir, "cached": name in cached,
                    "mlflow_run_id": r.mlflow_run_id, "metrics": r.metrics} for name, r in results.items()}
+
+
+def run_offline(cfg: PipelineConfig, stages: list[str]) -> dict[str, StageResult]:
+    """The chosen stages and their upstream, reused from the cache or run, without Prefect or MLflow (for
+    benchmarks and tests). Same keys, folders and lock as a flow run, so either reuses the other's outputs."""
+    results: dict[str, StageResult] = {}
+    for name in plan(stages):
+        spec = STAGES[name]
+        parts = key_parts(spec, cfg, {n: r.key for n, r in results.items()})
+        out_dir = cfg.workdir_path() / name / parts.key()
+        with cache.exclusive(out_dir):
+            result = StageResult.load(out_dir)
+            if result is None:
+                inputs = {role: results[stage] for role, stage in spec.inputs.items()}
+                result = spec.module.run(spec.section(cfg), out_dir, inputs=inputs, resolve=cfg.resolve)
+                result.key = parts.key()
+                result.lineage = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, name: result.key}
+                parts.save(out_dir)
+                result.save()
+        results[name] = result
+    return results
 
 
 def _config_path(path: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
@@ -29,28 +29,36 @@ from v3flow.stage import RESULT_FILE, StageResult
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), config section, upstream
-    stages, and the libraries whose versions shape its outputs."""
+    """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), its config section, its
+    inputs by role (role -> the stage that provides it: `{"data": "pack"}`), and the libraries whose versions
+    shape its outputs. The module's `run(section, out_dir, inputs={role: StageResult}, resolve)` never
+    names an upstream stage, so which stage fills a role is the pipeline's choice."""
 
     name: str
     module: object
     section: Callable[[PipelineConfig], Section]
-    upstream: tuple[str, ...] = ()
+    inputs: dict[str, str] = field(default_factory=dict)
     libraries: tuple[str, ...] = ()
 
+    @property
+    def upstream(self) -> list[str]:
+        return list(dict.fromkeys(self.inputs.values()))
 
-def key_parts(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, str],
+
+def key_parts(spec: StageSpec, cfg: PipelineConfig, keys: dict[str, str],
               locate: cache.Locate = cache.installed) -> cache.KeyParts:
-    """What the stage's key hashes, given its upstream stages' keys."""
+    """What the stage's key hashes, given the keys of the stages run so far (by stage name)."""
     fingerprint = getattr(spec.module, "fingerprint", None)
     return cache.KeyParts(
-        stage=spec.name, config=spec.section(cfg).hashable(), upstream={n: upstream[n] for n in spec.upstream},
+        stage=spec.name, config=spec.section(cfg).hashable(),
+        upstream={role: keys[stage] for role, stage in spec.inputs.items()},
         inputs=fingerprint(spec.section(cfg), cfg.resolve) if fingerprint else "",
         code=cache.code_hashes(spec.module.__name__, locate), libraries=cache.library_versions(spec.libraries))
 
 
-def stage_key(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult]) -> str:
-    return key_parts(spec, cfg, {n: inputs[n].key for n in spec.upstream}).key()
+def stage_key(spec: StageSpec, cfg: PipelineConfig, results: dict[str, StageResult]) -> str:
+    """The key of `spec` given the results of the stages it reads (by stage name)."""
+    return key_parts(spec, cfg, {n: results[n].key for n in spec.upstream}).key()
 
 
 def dry_run(specs: list[StageSpec], cfg: PipelineConfig, locate: cache.Locate = cache.installed) -> list[dict]:
@@ -84,8 +92,9 @@ def _transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, task_run_name="{spec.name}")
 def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
               parent_run_id: str, uri: str):
+    """Run (or reuse) one stage; `inputs` maps each of its roles to the result that fills it."""
     log = get_run_logger()
-    parts = key_parts(spec, cfg, {n: inputs[n].key for n in spec.upstream})
+    parts = key_parts(spec, cfg, {spec.inputs[role]: r.key for role, r in inputs.items()})
     key = parts.key()
     out_dir = cfg.workdir_path() / spec.name / key
     with cache.exclusive(out_dir, lambda: log.info(f"{spec.name}: another run is writing {out_dir}; waiting")):
@@ -98,7 +107,7 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
     cached = None if force else StageResult.load(out_dir)
     section = spec.section(cfg)
     params = {**tracking.flatten(section.model_dump(mode="json")), "stage_key": key,
-              **{f"upstream.{n}": inputs[n].key for n in spec.upstream}}
+              **{f"input.{role}": f"{r.stage}:{r.key}" for role, r in inputs.items()}}
     tags = {"v3flow.stage": spec.name, "v3flow.stage_key": key, "v3flow.cached": str(cached is not None)}
 
     if cached is not None:
@@ -124,6 +133,7 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
         tracking.end_run(uri, run_id, "FAILED")
         raise
     result.key, result.mlflow_run_id = key, run_id
+    result.lineage = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, spec.name: key}
     tracking.log_params(uri, run_id, result.params)
     tracking.log_metrics(uri, run_id, result.metrics)
     tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)

@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import MICRO, TINY
 from v3flow.cli import main
+from v3flow.errors import ConfigError
 from v3flow.flows.config import load_config
 from v3flow.section import section_hash
-from v3flow.errors import ConfigError
 
 
 def write(tmp_path, text: str, name: str = "c.yaml"):
@@ -47,7 +47,7 @@ def test_wrong_type_names_value(tmp_path):
     ("data.filters.min_chars=2000000", "min_chars=2000000 must be below max_chars"),
     ("data.executor.kind=slurm", "needs slurm.partition"),
     ("data.tokenizer.vocab_size=300", "vocab_size=300 leaves no room for merges"),
-    ("data.packing.val_fraction=1.5", "data.packing.val_fraction"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.minhash.bands=0", "data.minhash.bands"),
     ("data.sources.0.kind=jsonl", "needs a `path`"),
     ("pretrain.launcher=accelerate", "needs pretrain.accelerate_config"),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -60,9 +61,12 @@ def test_mlflow_has_parent_and_child_runs(servers, first_run):
     assert child.data.params["minhash.bands"] == "14" and child.data.params["tokenizer_sha256"]
     m = child.data.metrics
     assert m["docs_read"] > 0 and m["near_duplicates_removed"] > 0 and m["tokens"] > 10_000
-    assert 0.99 < m["packing_efficiency"] <= 1
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "data")}
-    assert {"data/manifest.json", "data/tokenizer.json", "data/clusters.json"} <= artifacts
+    assert {"data/tokens.json", "data/tokenizer.json", "data/clusters.json"} <= artifacts
+    pack = client.get_run(result["pack"]["mlflow_run_id"])
+    assert 0.99 < pack.data.metrics["packing_efficiency"] <= 1
+    assert pack.data.params["input.corpus"] == f"data:{result['data']['key']}"
+    assert "pack/manifest.json" in {a.path for a in client.list_artifacts(pack.info.run_id, "pack")}
 
 
 def test_pretrain_stage_trains_logs_and_exports(servers, first_run):
@@ -71,13 +75,15 @@ def test_pretrain_stage_trains_logs_and_exports(servers, first_run):
     run = client.get_run(result["pretrain"]["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == client.get_run(result["data"]["mlflow_run_id"]).data.tags[
         "mlflow.parentRunId"]
-    assert run.data.params["lineage.data_key"] == result["data"]["key"]
+    assert run.data.params["lineage.data_key"] == result["pack"]["key"]
+    model = json.loads((Path(result["pretrain"]["out_dir"]) / "model.json").read_text())
+    assert model["lineage"] == {s: result[s]["key"] for s in ("data", "pack", "pretrain")}
     history = client.get_metric_history(run.info.run_id, "loss")
     assert len(history) >= 3 and history[-1].value < history[0].value
     for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "maxvio_layer_0", "val_loss"):
         assert client.get_metric_history(run.info.run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "pretrain/hf")}
-    assert "pretrain/hf/config.json" in artifacts and "pretrain/hf/tokenizer.json" in artifacts
+    assert {"pretrain/hf/config.json", "pretrain/hf/tokenizer.json", "pretrain/hf/generation_config.json"} <= artifacts
     assert any(a.path.startswith("expert_loads") for a in client.list_artifacts(run.info.run_id))
 
 
@@ -99,7 +105,7 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
     started = time.monotonic()
     again = run_json(servers, "--set", f"workdir={workdir}")
     assert again["data"]["cached"] and again["data"]["key"] == first["data"]["key"]
-    assert again["pretrain"]["cached"] and again["pretrain"]["key"] == first["pretrain"]["key"]
+    assert all(again[s]["cached"] and again[s]["key"] == first[s]["key"] for s in ("pack", "pretrain"))
     assert again["data"]["metrics"] == first["data"]["metrics"]
     assert time.monotonic() - started < 120  # generous: the point is that nothing was recomputed
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -111,10 +117,10 @@ def test_changed_config_reruns_and_force_reruns(servers, first_run):
     workdir, first = first_run
     changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10")
     assert not changed["data"]["cached"] and changed["data"]["key"] != first["data"]["key"]
-    assert not changed["pretrain"]["cached"]  # new data, so the model is retrained
+    assert not changed["pack"]["cached"] and not changed["pretrain"]["cached"]  # new data: repacked, retrained
     forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")
     assert not forced["data"]["cached"] and forced["data"]["key"] == first["data"]["key"]
-    assert forced["pretrain"]["cached"]  # the data came out identical: same key, the model is reused
+    assert forced["pack"]["cached"] and forced["pretrain"]["cached"]  # identical data: same keys, reused
     assert forced["data"]["metrics"]["tokens"] == first["data"]["metrics"]["tokens"]
 
 

@@ -27,6 +27,7 @@ class StageResult:
     artifacts: list[str] = field(default_factory=list)  # files worth logging to MLflow
     report_md: str = ""  # human summary, shown as the stage's Prefect artifact
     mlflow_run_id: str | None = None  # the run that produced it (set by the flow)
+    lineage: dict[str, str] = field(default_factory=dict)  # stage -> key, for it and every stage up its chain
 
     def save(self) -> Path:
         root = Path(self.out_dir)
@@ -48,6 +49,7 @@ class StageResult:
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
+        record.setdefault("lineage", {record["stage"]: record["key"]})
         record["out_dir"] = str(root)
         record["outputs"] = {k: str(root / v) for k, v in record["outputs"].items()}
         record["artifacts"] = [str(root / v) for v in record["artifacts"]]

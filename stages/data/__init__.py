@@ -1,10 +1,12 @@
-"""Data stage: a real corpus in, packed uint32 training shards plus a tokenizer out.
+"""Data stage: a real corpus in, a tokenizer and the tokenized train / validation documents out.
 
     read (quarantining) -> normalise -> quality filters -> exact dedup -> MinHash near-dedup
-    -> byte-level BPE -> tokenize (train / val by document) -> pack with PSM FIM -> manifest
+    -> byte-level BPE -> tokenize (train / val by document, mixture weights on train)
 
-Every step but BPE training and packing is a datatrove pipeline run by the executor named in the config
-(local, Slurm or Ray). Run it on its own with
+Every step but BPE training is a datatrove pipeline run by the executor named in the config (local, Slurm
+or Ray). Packing into training sequences is the `pack` stage's (stages/pack), cached apart: packing the same
+corpus at another sequence length (context extension) neither reruns MinHash nor retrains the tokenizer.
+Run it on its own with
 
     python -m v3flow.stages.data configs/tiny.yaml OUT_DIR
 
@@ -13,7 +15,8 @@ Layout of the output folder:
     filtered/          documents rejected by the quality filters (metadata.filter_reason)
     removed_exact/     exact duplicates;  removed_near/  MinHash near duplicates (with cluster ids)
     tokenizer/         tokenizer.json + tokenizer_config.json (HF format)
-    packed/            train_NNNNN.npy, val_NNNNN.npy ([sequences, seq_len] uint32) and manifest.json
+    tokens/            train/ and val/: datatrove's token files (*.ds + *.ds.index document ends), and
+                       tokens.json (token width, special ids, documents and tokens per split)
     datatrove/         datatrove logs, stats and completions (resume state)
 """
 
@@ -24,10 +27,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from v3flow.stages.data.config import DataConfig
 from v3flow.errors import DataError
 from v3flow.stage import StageResult
-from v3flow.stages.data import bpe, packing, readers, report, steps
+from v3flow.stages.data import bpe, readers, report, steps
+from v3flow.stages.data.config import DataConfig
 from v3flow.stages.data.quality import Normalizer, QualityFilter
 
 STAGE = "data"
@@ -103,44 +106,30 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
         tok = bpe.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
                             cfg.tokenizer.max_training_chars)
         tok_dir = out_dir / "tokenizer"
-        tok_sha = bpe.save_tokenizer(tok, tok_dir, cfg.packing.seq_len)
-        ids = bpe.special_ids(tok)
+        tok_sha = bpe.save_tokenizer(tok, tok_dir)
 
-    token_dirs = {split: work / "tokens" / split for split in ("train", "val")}
+    token_dirs = {split: out_dir / "tokens" / split for split in ("train", "val")}
     with timer("tokenize"):
         for split, folder in token_dirs.items():
             pipe = steps.tokenize_pipeline(current, split, folder, tok_dir / "tokenizer.json", bpe.EOS,
-                                           cfg.packing.val_fraction, cfg.packing.seed,
-                                           {src.name: src.weight for src in cfg.sources})
+                                           cfg.val_fraction, cfg.seed, {src.name: src.weight for src in cfg.sources})
             stats[f"tokenize_{split}"] = steps.run_pipeline(f"tokenize_{split}", pipe, tasks, ex, logs)
+        tokens = report.write_tokens_info(out_dir / "tokens", token_dirs, tok.get_vocab_size(), tok_sha,
+                                          bpe.special_ids(tok))
 
-    with timer("pack"):
-        fim = packing.FimTokens(ids["fim_begin"], ids["fim_hole"], ids["fim_end"], ids["eos"])
-        token_size = 4 if tok.get_vocab_size() > 65536 else 2
-        packed = out_dir / "packed"
-        split_stats = {}
-        for i, (split, folder) in enumerate(token_dirs.items()):
-            packer = packing.Packer(packed, split, cfg.packing.seq_len, cfg.packing.sequences_per_shard, ids["pad"])
-            split_stats[split] = packing.pack_split(sorted(folder.glob("*.ds")), token_size, packer, fim,
-                                                    cfg.packing.fim_rate, cfg.packing.seed + i)
-        entropy = packing.unigram_entropy([packed / s["path"] for s in split_stats["train"].shards],
-                                          tok.get_vocab_size(), ids["pad"])
-        manifest = report.write_manifest(packed, cfg, split_stats, tok_sha, tok.get_vocab_size(), ids, entropy)
-
-    metrics = report.metrics(stats, split_stats, timer.seconds, entropy, cfg)
+    metrics = report.metrics(stats, tokens, timer.seconds, cfg)
     clusters = report.largest_clusters(out_dir / "removed_near", current, top=10)
     (out_dir / "report").mkdir(exist_ok=True)
     (out_dir / "report" / "clusters.json").write_text(json.dumps(clusters, indent=2, ensure_ascii=False))
     (out_dir / "report" / "step_stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
     result = StageResult(
         stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
-        outputs={"packed": str(packed), "manifest": str(packed / "manifest.json"), "tokenizer": str(tok_dir),
-                 "quarantine": str(out_dir / "quarantine")},
+        outputs={"tokens": str(out_dir / "tokens"), "tokenizer": str(tok_dir), "quarantine": str(out_dir / "quarantine")},
         metrics=metrics,
-        params={"tokenizer_sha256": tok_sha, "manifest_sha256": manifest["sha256"]},
-        artifacts=[str(packed / "manifest.json"), str(tok_dir / "tokenizer.json"),
+        params={"tokenizer_sha256": tok_sha, "tokens_sha256": tokens["sha256"]},
+        artifacts=[str(out_dir / "tokens" / "tokens.json"), str(tok_dir / "tokenizer.json"),
                    str(tok_dir / "tokenizer_config.json"), str(out_dir / "report" / "clusters.json"),
                    str(out_dir / "report" / "step_stats.json")],
     )
-    result.report_md = report.markdown(metrics, clusters, manifest)
+    result.report_md = report.markdown(metrics, clusters, tokens)
     return result

@@ -75,8 +75,9 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         seen += len(text)
 
 
-def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int) -> str:
-    """Write the standard HF tokenizer files; returns the sha256 of tokenizer.json."""
+def save_tokenizer(tok: Tokenizer, folder: Path) -> str:
+    """Write the standard HF tokenizer files; returns the sha256 of tokenizer.json. (A model's folder sets
+    model_max_length to its own context length: v3flow/model/hf_format.py.)"""
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,6 @@ def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int) -> str:
         eos_token=EOS,
         pad_token=PAD,
         additional_special_tokens=[FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT],
-        model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(str(folder))

@@ -112,11 +112,13 @@ class TokenizerSettings(Section):
 
 
 class PackingSettings(Section):
+    """How the `pack` stage lays the tokenized documents into training sequences (its own cache key: packing
+    at another length reuses the data stage)."""
+
     seq_len: int = Field(512, ge=8, description="Tokens per training sequence (DeepSeek-V3: 4096).")
     fim_rate: float = Field(0.1, ge=0, le=1, description="Share of documents rearranged as PSM FIM (DeepSeek-V3: 0.1).")
-    val_fraction: float = Field(0.02, gt=0, lt=1, description="Share of documents held out for validation.")
     sequences_per_shard: int = Field(8192, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, description="Seed of the FIM choices and split points.")
 
 
 class SlurmSettings(Section):
@@ -150,10 +152,13 @@ class ExecutorSettings(Section):
 
 
 class DataConfig(Section):
-    """Data preparation: read, normalise, filter, exact + MinHash dedup, BPE, tokenize, pack (+FIM)."""
+    """Data preparation: read, normalise, filter, exact + MinHash dedup, BPE, tokenize; `packing` configures
+    the `pack` stage that follows (and is not part of this stage's key)."""
 
-    unhashed: ClassVar[frozenset[str]] = frozenset()
+    unhashed: ClassVar[frozenset[str]] = frozenset({"packing"})
     sources: list[SourceConfig] = Field(min_length=1)
+    val_fraction: float = Field(0.02, gt=0, lt=1, description="Share of documents held out for validation.")
+    seed: int = Field(1234, description="Seed of the train / validation split and the mixture sampling.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     exact_dedup: bool = True

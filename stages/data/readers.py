@@ -23,8 +23,8 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.readers.huggingface import HuggingFaceDatasetReader
 from datatrove.pipeline.readers.parquet import ParquetReader
 
-from v3flow.stages.data.config import SourceConfig
 from v3flow.errors import DataError
+from v3flow.stages.data.config import SourceConfig
 
 DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet",
                  "hf_dataset": "**/*"}

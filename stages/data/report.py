@@ -1,4 +1,4 @@
-"""The data stage's numbers: per-step document counts, duplicates, tokens, packing, timing, manifest."""
+"""The data stage's numbers: per-step document counts, duplicates, tokens per split, timing."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from v3flow.stages.data.config import DataConfig
-from v3flow.stages.data.packing import PackStats
 from v3flow.stages.data.readers import read_documents
 
 
@@ -17,8 +18,7 @@ def _step(stats: list[dict], kind: str) -> dict:
     return next((s for s in stats if kind in s["_name"]), {})
 
 
-def metrics(stats: dict[str, list[dict]], splits: dict[str, PackStats], seconds: dict[str, float],
-            entropy: float, cfg: DataConfig) -> dict[str, float]:
+def metrics(stats: dict[str, list[dict]], tokens: dict, seconds: dict[str, float], cfg: DataConfig) -> dict[str, float]:
     m: dict[str, float] = {}
     read = stats["read_filter"]
     readers = [s for s in read if "READER" in s["_name"]]
@@ -44,16 +44,10 @@ def metrics(stats: dict[str, list[dict]], splits: dict[str, PackStats], seconds:
         m["near_duplicates_removed"] = f.get("dropped", 0)
         m["docs_after_near_dedup"] = f.get("forwarded", 0)
         m["minhash_threshold"] = cfg.minhash.threshold
-    for split, s in splits.items():
-        m[f"{split}_documents"] = s.documents
-        m[f"{split}_fim_documents"] = s.fim_documents
-        m[f"{split}_tokens"] = s.tokens
-        m[f"{split}_sequences"] = s.sequences
-        m[f"{split}_pad_tokens"] = s.pad_tokens
-    total_tokens = sum(s.tokens for s in splits.values())
-    m["tokens"] = total_tokens
-    m["packing_efficiency"] = total_tokens / max(1, total_tokens + sum(s.pad_tokens for s in splits.values()))
-    m["train_unigram_entropy_nats"] = entropy
+    for split, info in tokens["splits"].items():
+        m[f"{split}_documents"] = info["documents"]
+        m[f"{split}_tokens"] = info["tokens"]
+    m["tokens"] = sum(info["tokens"] for info in tokens["splits"].values())
     for name, sec in seconds.items():
         m[f"time_{name}_s"] = sec
     m["time_total_s"] = sum(seconds.values())
@@ -61,27 +55,19 @@ def metrics(stats: dict[str, list[dict]], splits: dict[str, PackStats], seconds:
     return m
 
 
-def write_manifest(folder: Path, cfg: DataConfig, splits: dict[str, PackStats], tok_sha: str, vocab_size: int,
-                   special: dict[str, int], entropy: float) -> dict:
-    """manifest.json of the packed shards; its own sha256 (of the body) is the data lineage id."""
-    body = {
-        "format": "npy-uint32",
-        "seq_len": cfg.packing.seq_len,
-        "vocab_size": vocab_size,
-        "tokenizer_sha256": tok_sha,
-        "special_tokens": special,
-        "fim_rate": cfg.packing.fim_rate,
-        "train_unigram_entropy_nats": entropy,
-        "splits": {
-            split: {"documents": s.documents, "fim_documents": s.fim_documents, "tokens": s.tokens,
-                    "pad_tokens": s.pad_tokens, "sequences": s.sequences, "shards": s.shards}
-            for split, s in splits.items()
-        },
-    }
+def write_tokens_info(folder: Path, splits: dict[str, Path], vocab_size: int, tok_sha: str,
+                      special: dict[str, int]) -> dict:
+    """tokens.json beside the token files: what a packer needs (token width, special ids) and the documents
+    and tokens of each split, read from datatrove's `.ds.index` files (uint64 end offsets of the documents)."""
+    counts = {}
+    for split, path in splits.items():
+        ends = [np.fromfile(index, dtype=np.uint64) for index in sorted(path.glob("*.ds.index"))]
+        counts[split] = {"path": path.name, "documents": int(sum(len(e) for e in ends)),
+                         "tokens": int(sum(int(e[-1]) for e in ends if len(e)))}
+    body = {"format": "datatrove-ds", "token_size": 4 if vocab_size > 65536 else 2, "vocab_size": vocab_size,
+            "tokenizer_sha256": tok_sha, "special_tokens": special, "splits": counts}
     body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.rename(folder / "manifest.json")
+    (folder / "tokens.json").write_text(json.dumps(body, indent=2))
     return body
 
 
@@ -110,7 +96,7 @@ def largest_clusters(removed_near: Path, kept: Path, top: int = 10) -> list[dict
     return out
 
 
-def markdown(m: dict[str, float], clusters: list[dict], manifest: dict) -> str:
+def markdown(m: dict[str, float], clusters: list[dict], tokens: dict) -> str:
     """The stage's Prefect artifact: a table of the key numbers and the largest duplicate clusters."""
     rows = [
         ("documents read", m["docs_read"]), ("quarantined (bad input)", m["quarantined"]),
@@ -119,14 +105,12 @@ def markdown(m: dict[str, float], clusters: list[dict], manifest: dict) -> str:
         ("near duplicates removed", m.get("near_duplicates_removed", "off")),
         ("train / val documents", f"{m['train_documents']:.0f} / {m['val_documents']:.0f}"),
         ("train / val tokens", f"{m['train_tokens']:,.0f} / {m['val_tokens']:,.0f}"),
-        ("packing efficiency", f"{m['packing_efficiency']:.4%}"),
-        ("unigram entropy (train)", f"{m['train_unigram_entropy_nats']:.3f} nats"),
         ("throughput", f"{m['throughput_mb_s']:.2f} MB/s over {m['time_total_s']:.1f} s"),
     ]
     lines = ["## Data stage", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v:,.0f} |" if isinstance(v, float | int) else f"| {k} | {v} |" for k, v in rows]
-    lines += ["", (f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{manifest['tokenizer_sha256'][:16]}`, "
-                   f"vocab {manifest['vocab_size']}, seq_len {manifest['seq_len']}.")]
+    lines += ["", (f"Tokenizer `{tokens['tokenizer_sha256'][:16]}`, vocab {tokens['vocab_size']}; tokens "
+                  f"`{tokens['sha256'][:16]}`. Packed into training sequences by the `pack` stage.")]
     if clusters:
         lines += ["", "### Largest near-duplicate clusters", "", "| size | kept | removed (examples) |", "|---|---|---|"]
         lines += [f"| {c['size']} | `{c['kept']}` | {', '.join(f'`{r}`' for r in c['removed_examples'][:3])} |"

@@ -1,4 +1,5 @@
-"""Pretraining stage: packed data in, a trained DeepSeek-V3 checkpoint (ours and Hugging Face format) out.
+"""Pretraining stage: packed data in (role `data`), a trained DeepSeek-V3 out as the standard model artifact
+(v3flow/training/artifact.py: our checkpoint, the Hugging Face folder, model.json with its lineage).
 
 The training loop (trainer.py) runs in its own process group through the shared launcher
 (v3flow/training/launch.py): one process by default, several through torchrun or `accelerate launch`; a
@@ -8,6 +9,9 @@ killed run restarts from its last checkpoint when the stage runs again.
     out_dir/checkpoints/    full safetensors checkpoints (exact resume)
     out_dir/metrics.jsonl   every step's numbers; events.log: guard events
     out_dir/hf/             the final model in the Hugging Face DeepSeek-V3 format, with the tokenizer
+    out_dir/model.json      the model artifact's manifest
+
+`pretrain.init_from` starts from an existing model (ours or a Hugging Face folder) instead of random weights.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from v3flow.cache import files_fingerprint
 from v3flow.section import section_hash
 from v3flow.stage import StageResult
 from v3flow.stages.pretrain.config import PretrainStageConfig
+from v3flow.training import artifact
 from v3flow.training import launch as training
 from v3flow.training.launch import TrainingError
 
@@ -34,14 +40,27 @@ def launch(cfg: PretrainStageConfig, run_dir: Path, env: dict | None = None, res
                     config_key="pretrain.accelerate_config")
 
 
+def fingerprint(cfg: PretrainStageConfig, resolve) -> str:
+    """The files of `pretrain.init_from`, when set: part of the stage's key (another model, another run)."""
+    if not cfg.pretrain.init_from:
+        return ""
+    return files_fingerprint(resolve(cfg.pretrain.init_from))
+
+
 def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
     data = inputs["data"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lineage = {"data_key": data.key, "manifest_sha256": data.params.get("manifest_sha256", ""),
-               "tokenizer_sha256": data.params.get("tokenizer_sha256", ""), "config_hash": section_hash(cfg)}
+    init_from = str(resolve(cfg.pretrain.init_from)) if cfg.pretrain.init_from else None
+    if init_from:
+        artifact.check_compatible(Path(init_from), cfg.model, "pretrain.init_from")
+    chain = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, STAGE: out_dir.name}
+    data_ids = {"manifest_sha256": data.params.get("manifest_sha256", ""),
+                "tokenizer_sha256": data.params.get("tokenizer_sha256", "")}
+    lineage = {"data_key": data.key, **data_ids, "config_hash": section_hash(cfg)}
     spec = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json"),
-            "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": lineage}
+            "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": lineage,
+            "init_from": init_from}
     (out_dir / "run.json").write_text(json.dumps(spec, indent=2))
     launch(cfg, out_dir, resolve=resolve)
     final = json.loads((out_dir / "final.json").read_text())
@@ -50,12 +69,17 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     metrics["unigram_entropy_nats"] = unigram
     run_params = json.loads((out_dir / "run_params.json").read_text())  # choices made at run time (precision)
     hf = out_dir / "hf"
+    seq_len = json.loads(Path(data.outputs["manifest"]).read_text())["seq_len"]
+    artifact.write_manifest(out_dir, STAGE, cfg.model, chain, {**data_ids, "seq_len": seq_len},
+                            checkpoint=training_checkpoint(out_dir), hf=hf if hf.is_dir() else None,
+                            extra={"init_from": init_from})
     result = StageResult(
         stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
-        outputs={"checkpoints": str(out_dir / "checkpoints"), "hf": str(hf),
+        outputs={"model": str(out_dir), "checkpoints": str(out_dir / "checkpoints"), "hf": str(hf),
                  "metrics": str(out_dir / "metrics.jsonl")},
         metrics=metrics, params={**{f"lineage.{k}": v for k, v in lineage.items()}, **run_params},
-        artifacts=[str(out_dir / "metrics.jsonl"), str(out_dir / "run.json")] + ([str(hf)] if hf.is_dir() else []),
+        artifacts=[str(out_dir / "metrics.jsonl"), str(out_dir / "run.json"), str(out_dir / artifact.MODEL_FILE)]
+        + ([str(hf)] if hf.is_dir() else []),
     )
     result.report_md = "\n".join([
         "## Pretraining", "", "| | |", "|---|---|",
@@ -63,8 +87,8 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         f"| final validation loss | {final['val_loss']:.4f} nats (perplexity {final['val_perplexity']:.1f}) |",
         f"| unigram entropy of the data | {unigram:.4f} nats |",
         f"| mean expert MaxVio (last step) | {final.get('maxvio_mean', float('nan')):.3f} |",
-        f"| precision | {run_params['precision.gemms']} GEMMs, {run_params['precision.autocast']} elsewhere "
-        f"({run_params['precision.reason']}) |",
+        (f"| precision | {run_params['precision.gemms']} GEMMs, {run_params['precision.autocast']} elsewhere "
+        f"({run_params['precision.reason']}) |"),
         f"| skipped updates / rollbacks | {final['skipped_steps']} / {final['rollbacks']} |",
         (f"| MTP draft acceptance (self-speculative decoding) | {final.get('mtp_acceptance_rate', float('nan')):.1%}"
          f" ± {final.get('mtp_acceptance_stderr', float('nan')):.1%} ({final.get('mtp_drafted_tokens', 0)} drafts, "
@@ -73,3 +97,12 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         "", f"Hugging Face export: `{hf}`",
     ])
     return result
+
+
+def training_checkpoint(out_dir: Path) -> Path:
+    from v3flow.training.checkpoint import latest
+
+    found = latest(out_dir / "checkpoints")
+    if found is None:
+        raise TrainingError(f"{out_dir}: training finished without a checkpoint")
+    return found

@@ -60,6 +60,10 @@ class PretrainConfig(Section):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     seed: int = 1234
     export_hf: bool = Field(True, description="Export the final checkpoint in the Hugging Face format.")
+    init_from: str | None = Field(
+        None, description="Start from this model instead of a random init (relative: to the project): a model "
+        "artifact folder, one of our checkpoints, or a Hugging Face deepseek_v3 folder. Weights and router "
+        "biases are loaded; the optimizer and the schedule start fresh. Its files are part of the stage's key.")
 
     @model_validator(mode="after")
     def _launcher_has_config(self) -> PretrainConfig:

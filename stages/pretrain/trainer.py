@@ -29,7 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from v3flow.model.args import ModelConfig
 from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain.config import PretrainConfig
-from v3flow.training import checkpoint, precision
+from v3flow.training import artifact, checkpoint, precision
 from v3flow.training.data import PackedSequences
 from v3flow.training.monitor import Monitor
 from v3flow.training.optim import AdamW
@@ -57,6 +57,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = Transformer(self.model_cfg)
         model.init_weights()
+        if spec.get("init_from"):  # weights and router biases; a checkpoint of this run, if any, wins below
+            model.load_state_dict(artifact.load_state(Path(spec["init_from"])))
+            self.acc.print(f"[pretrain] initialised from {spec['init_from']}")
         self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
         self.raw = precision.apply(model, self.precision)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))

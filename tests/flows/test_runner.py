@@ -21,7 +21,8 @@ def test_stage_key_follows_config_and_inputs():
     spec = STAGES["data"]
     base = stage_key(spec, load_config(MICRO), {})
     assert stage_key(spec, load_config(MICRO), {}) == base
-    assert stage_key(spec, load_config(MICRO, ["data.packing.seq_len=64"]), {}) != base
+    assert stage_key(spec, load_config(MICRO, ["data.packing.seq_len=64"]), {}) == base  # the pack stage's
+    assert stage_key(spec, load_config(MICRO, ["data.val_fraction=0.1"]), {}) != base
     assert stage_key(spec, load_config(MICRO, ["data.executor.workers=1"]), {}) == base
     assert stage_key(spec, load_config(MICRO, ["data.sources.0.include=[json/*]"]), {}) != base
 

@@ -170,6 +170,10 @@ def export_hf(model: Transformer, folder: Path, tokenizer_dir: Path | None = Non
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, folder / f.name)
+        tok_cfg = folder / "tokenizer_config.json"
+        if tok_cfg.is_file():  # the model's context length, not the tokenizer's default
+            tok_cfg.write_text(json.dumps({**json.loads(tok_cfg.read_text()), "model_max_length": model.cfg.max_seq_len},
+                                          indent=2, ensure_ascii=False))
     return folder
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tests.conftest import MICRO
 from v3flow.flows.config import load_config
-from v3flow.stages.data.config import SourceConfig
 from v3flow.stages.data import run
+from v3flow.stages.data.config import SourceConfig
 
 
 def run_on_jsonl(folder: Path, out: Path, overrides: list[str] = ()):

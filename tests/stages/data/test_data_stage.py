@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import MICRO
 from v3flow.flows.config import load_config
 from v3flow.stages.data import run
-from v3flow.stages.data.packing import unigram_entropy
 from v3flow.stages.data.readers import read_documents
 from v3flow.stages.data.steps import split_of
+from v3flow.stages.pack.packing import read_ds_documents
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +23,17 @@ def stage(tmp_path_factory):
     return cfg, run(cfg.data, out, resolve=cfg.resolve)
 
 
-def test_manifest_matches_shards(stage):
+def test_token_files_match_their_counts(stage):
     cfg, result = stage
-    manifest = json.loads(Path(result.outputs["manifest"]).read_text())
-    assert manifest["seq_len"] == cfg.data.packing.seq_len and manifest["format"] == "npy-uint32"
-    for split in ("train", "val"):
-        info = manifest["splits"][split]
-        arrays = [np.load(f"{result.outputs['packed']}/{s['path']}", mmap_mode="r") for s in info["shards"]]
-        assert sum(a.shape[0] for a in arrays) == info["sequences"] > 0
-        assert all(a.dtype == np.uint32 and a.shape[1] == manifest["seq_len"] for a in arrays)
-        pad = manifest["special_tokens"]["pad"]
-        assert sum(int((a != pad).sum()) for a in arrays) == info["tokens"]
-        eos = manifest["special_tokens"]["eos"]
-        assert sum(int((a == eos).sum()) for a in arrays) == info["documents"]
-    assert result.metrics["tokens"] == sum(manifest["splits"][s]["tokens"] for s in ("train", "val"))
-    assert 0.99 < result.metrics["packing_efficiency"] <= 1.0
+    info = json.loads((Path(result.outputs["tokens"]) / "tokens.json").read_text())
+    assert info["token_size"] == 2 and info["vocab_size"] == cfg.data.tokenizer.vocab_size
+    eos = info["special_tokens"]["eos"]
+    for split, counts in info["splits"].items():
+        files = sorted((Path(result.outputs["tokens"]) / counts["path"]).glob("*.ds"))
+        docs = [d for f in files for d in read_ds_documents(f, info["token_size"])]
+        assert len(docs) == counts["documents"] == result.metrics[f"{split}_documents"] > 0
+        assert sum(len(d) for d in docs) == counts["tokens"] == result.metrics[f"{split}_tokens"]
+        assert all(d[-1] == eos and eos not in d[:-1] for d in docs)  # one EOS, at the end of each document
 
 
 def test_tokenizer_is_a_standard_hf_tokenizer(stage):
@@ -63,12 +58,3 @@ def test_splits_are_disjoint_by_document(stage):
     m = result.metrics
     assert m["val_documents"] > 0 and m["train_documents"] > m["val_documents"]
     assert split_of("stdlib/json/decoder.py", 0.05, 1) == split_of("stdlib/json/decoder.py", 0.05, 1)
-
-
-def test_unigram_entropy_is_reported(stage):
-    _, result = stage
-    manifest = json.loads(Path(result.outputs["manifest"]).read_text())
-    shards = [f"{result.outputs['packed']}/{s['path']}" for s in manifest["splits"]["train"]["shards"]]
-    h = unigram_entropy(shards, manifest["vocab_size"], manifest["special_tokens"]["pad"])
-    assert h == pytest.approx(result.metrics["train_unigram_entropy_nats"])
-    assert 3.0 < h < np.log(manifest["vocab_size"])

@@ -14,18 +14,17 @@ def test_rerun_after_interruption_resumes_and_matches(tmp_path):
     cfg = load_config(MICRO)
     out = tmp_path / "data"
     first = run(cfg.data, out, resolve=cfg.resolve)
-    manifest = json.loads((out / "packed" / "manifest.json").read_text())
+    tokens = json.loads((out / "tokens" / "tokens.json").read_text())
     done = {p: p.stat().st_mtime_ns for p in (out / "datatrove").glob("*/completions/*")}
 
-    # simulate a crash after deduplication: tokenization and packing never finished
+    # simulate a crash after deduplication: tokenization never finished
     for step in ("tokenize_train", "tokenize_val"):
         shutil.rmtree(out / "datatrove" / step)
-    shutil.rmtree(out / "work" / "tokens")
-    shutil.rmtree(out / "packed")
+    shutil.rmtree(out / "tokens")
 
     second = run(cfg.data, out, resolve=cfg.resolve)
     for path, mtime in done.items():
         if "tokenize" not in str(path):
             assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
-    assert json.loads((out / "packed" / "manifest.json").read_text()) == manifest
+    assert json.loads((out / "tokens" / "tokens.json").read_text()) == tokens
     assert second.metrics["tokens"] == first.metrics["tokens"]

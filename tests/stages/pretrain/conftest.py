@@ -7,23 +7,26 @@ import pytest
 
 from tests.conftest import MICRO
 from v3flow.flows.config import load_config
-from v3flow.stages.data import run as run_data
+from v3flow.flows.pipeline import run_offline
 from v3flow.stages.pretrain.config import PretrainStageConfig
 
 
 @pytest.fixture(scope="session")
 def micro_data(tmp_path_factory):
-    cfg = load_config(MICRO)
-    return run_data(cfg.data, tmp_path_factory.mktemp("data"), resolve=cfg.resolve)
+    """The micro corpus packed for training (the `pack` stage's result)."""
+    cfg = load_config(MICRO, [f"workdir={tmp_path_factory.mktemp('work')}"])
+    return run_offline(cfg, ["pack"])["pack"]
 
 
-def write_run(run_dir: Path, data, overrides: list[str] = ()) -> PretrainStageConfig:
+def write_run(run_dir: Path, data, overrides: list[str] = (), export_hf: bool = False,
+              init_from: Path | None = None) -> PretrainStageConfig:
     cfg = load_config(MICRO, list(overrides))
-    stage = PretrainStageConfig(model=cfg.model, pretrain=cfg.pretrain.model_copy(update={"export_hf": False}))
+    stage = PretrainStageConfig(model=cfg.model, pretrain=cfg.pretrain.model_copy(update={"export_hf": export_hf}))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps({
         "model": stage.model.model_dump(mode="json"), "pretrain": stage.pretrain.model_dump(mode="json"),
         "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": {},
+        "init_from": str(init_from) if init_from else None,
     }))
     return stage
 

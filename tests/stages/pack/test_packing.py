@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v3flow.stages.data.packing import FimTokens, Packer, apply_fim, read_ds_documents
+from v3flow.stages.pack.packing import FimTokens, Packer, apply_fim, read_ds_documents
 
 EOS, PAD = 1, 2
 FIM = FimTokens(begin=4, hole=3, end=5, eos=EOS)
@@ -50,7 +50,7 @@ def test_fim_keeps_every_token_in_psm_order(doc, seed):
 
 
 def test_fim_rate_is_respected(tmp_path):
-    from v3flow.stages.data.packing import pack_split
+    from v3flow.stages.pack.packing import pack_split
 
     docs = as_docs([[10 + i % 50] * 20 for i in range(2000)])
     ds = tmp_path / "000.ds"

@@ -20,6 +20,8 @@ EOS) with `*.ds.index` (uint64 end offsets of the documents).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from v3flow.stages.data.bpe import file_sha256
+from v3flow.stages.data.config import PackingSettings
 
 TOKEN_DTYPE = np.uint32
 
@@ -141,3 +144,28 @@ def unigram_entropy(shards: list[Path], vocab_size: int, pad_id: int) -> float:
     counts[pad_id] = 0
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def write_manifest(folder: Path, cfg: PackingSettings, splits: dict[str, PackStats], tokens: dict,
+                   entropy: float) -> dict:
+    """manifest.json of the packed shards; its own sha256 (of the body) is the data lineage id."""
+    body = {
+        "format": "npy-uint32",
+        "seq_len": cfg.seq_len,
+        "vocab_size": tokens["vocab_size"],
+        "tokenizer_sha256": tokens["tokenizer_sha256"],
+        "tokens_sha256": tokens["sha256"],
+        "special_tokens": tokens["special_tokens"],
+        "fim_rate": cfg.fim_rate,
+        "train_unigram_entropy_nats": entropy,
+        "splits": {
+            split: {"documents": s.documents, "fim_documents": s.fim_documents, "tokens": s.tokens,
+                    "pad_tokens": s.pad_tokens, "sequences": s.sequences, "shards": s.shards}
+            for split, s in splits.items()
+        },
+    }
+    body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.rename(folder / "manifest.json")
+    return body
