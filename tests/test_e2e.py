@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest

@@ -11,9 +11,8 @@ import pytest
 
 from tests.conftest import MICRO
 from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import run_offline
+from v3flow.flows.pipeline import STAGES, run_offline
 from v3flow.flows.runner import dry_run
-from v3flow.flows.pipeline import STAGES
 from v3flow.stages.pack.packing import unigram_entropy
 
 
