@@ -40,7 +40,7 @@ def load(schema: type[S], path: str | Path, overrides: list[str] | None = None, 
     if expand is not None:
         expand(raw, root, path)
     if require_set:
-        _refuse_placeholders(raw, path, overrides or [])
+        _refuse_placeholders(raw, path)
     try:
         return schema.model_validate(raw), root
     except ValidationError as err:
@@ -131,7 +131,7 @@ def _placeholders(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == PLACEHOLDER else []
 
 
-def _refuse_placeholders(raw: dict, path: Path, overrides: list[str]) -> None:
+def _refuse_placeholders(raw: dict, path: Path) -> None:
     unset = _placeholders(raw)
     if not unset:
         return
