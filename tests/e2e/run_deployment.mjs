@@ -25,15 +25,18 @@ try {
   await page.goto(`${base}/deployments/deployment/${deployment.id}`);
   await page.getByRole("button", { name: "Run", exact: true }).click();
   await page.getByText("Quick run").click();
-  await page.getByText(/scheduled/i).first().waitFor({ timeout: 30000 });
   await page.screenshot({ path: `${out}/1-deployment-run-clicked.png` });
 
-  // the UI created the run; find it and open its page
-  const runs = await fetch(`${base}/api/flow_runs/filter`, {
-    method: "POST", headers: { "content-type": "application/json" },
-    body: JSON.stringify({ deployments: { id: { any_: [deployment.id] } }, sort: "EXPECTED_START_TIME_DESC", limit: 1 }),
-  }).then((r) => r.json());
-  if (!runs.length) throw new Error("clicking Quick run created no flow run");
+  // the UI creates the run (its toast can lag the click): find it through the API and open its page
+  let runs = [];
+  for (let i = 0; i < 30 && !runs.length; i++) {
+    runs = await fetch(`${base}/api/flow_runs/filter`, {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ deployments: { id: { any_: [deployment.id] } }, sort: "EXPECTED_START_TIME_DESC", limit: 1 }),
+    }).then((r) => r.json());
+    if (!runs.length) await sleep(1000);
+  }
+  if (!runs.length) throw new Error("clicking Quick run created no flow run in 30 s");
   await page.goto(`${base}/runs/flow-run/${runs[0].id}`);
   const deadline = Date.now() + 600000;
   for (;;) {
