@@ -36,6 +36,10 @@ class PipelineConfig(Section):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    inputs: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Which stage fills a stage's input role where it is not the default, "
+        "{stage: {role: providing stage}}: e.g. {sft: {model: pretrain}} when context extension is off. Checked "
+        "against the pipeline's stages before anything runs; a stage's key follows the results it reads.")
 
     # Set by the loader, not part of the YAML schema.
     source_file: str | None = Field(None, exclude=True)

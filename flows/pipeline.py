@@ -50,16 +50,38 @@ class RunRequest(BaseModel):
     force: list[str] = Field(default_factory=list, description="Stages to rerun even when their outputs are cached.")
 
 
-def plan(stages: list[str]) -> list[str]:
-    """Chosen stages plus their upstream stages, in pipeline order."""
+def wiring(cfg: PipelineConfig | None = None) -> dict[str, dict[str, str]]:
+    """Which stage fills each input role of each stage: the StageSpec defaults, changed by the config's `inputs`
+    (e.g. `inputs: {sft: {model: pretrain}}` when context extension is off). A role can only be filled by an
+    earlier stage."""
+    order = list(STAGES)
+    wires = {name: dict(spec.inputs) for name, spec in STAGES.items()}
+    for stage, roles in (cfg.inputs if cfg else {}).items():
+        if stage not in STAGES:
+            raise ConfigError(f"config key inputs.{stage}: no such stage; the pipeline has {order}")
+        for role, provider in roles.items():
+            if role not in wires[stage]:
+                raise ConfigError(f"config key inputs.{stage}.{role}: stage {stage} has no input {role!r} "
+                                  f"(its inputs: {list(wires[stage])})")
+            earlier = order[:order.index(stage)]
+            if provider not in earlier:
+                raise ConfigError(f"config key inputs.{stage}.{role}={provider!r}: must be one of the stages before "
+                                  f"{stage}: {earlier}")
+            wires[stage][role] = provider
+    return wires
+
+
+def plan(stages: list[str], wires: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Chosen stages plus the stages that fill their inputs, in pipeline order."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the pipeline has {list(STAGES)}")
+    wires = wires or wiring()
     wanted: set[str] = set()
 
     def need(name: str) -> None:
         wanted.add(name)
-        for up in STAGES[name].upstream:
+        for up in wires[name].values():
             need(up)
 
     for name in stages or list(STAGES):
@@ -70,7 +92,8 @@ def plan(stages: list[str]) -> list[str]:
 def execute(request: RunRequest) -> dict[str, dict]:
     """Validate, then run the planned stages under one MLflow parent run; returns each stage's metrics."""
     cfg = load_config(_config_path(request.config), request.overrides)
-    order = plan(request.stages)
+    wires = wiring(cfg)
+    order = plan(request.stages, wires)
     force = set(request.force)
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
     tags = {
@@ -88,7 +111,7 @@ def execute(request: RunRequest) -> dict[str, dict]:
     try:
         for name in order:
             spec = STAGES[name]
-            inputs = {role: results[stage] for role, stage in spec.inputs.items()}
+            inputs = {role: results[stage] for role, stage in wires[name].items()}
             state = run_stage(spec, cfg, inputs, name in force, parent, uri, return_state=True)
             results[name] = state.result()
             if state.name == "Cached":
@@ -106,14 +129,15 @@ def run_offline(cfg: PipelineConfig, stages: list[str]) -> dict[str, StageResult
     """The chosen stages and their upstream, reused from the cache or run, without Prefect or MLflow (for
     benchmarks and tests). Same keys, folders and lock as a flow run, so either reuses the other's outputs."""
     results: dict[str, StageResult] = {}
-    for name in plan(stages):
+    wires = wiring(cfg)
+    for name in plan(stages, wires):
         spec = STAGES[name]
-        parts = key_parts(spec, cfg, {n: r.key for n, r in results.items()})
+        inputs = {role: results[stage] for role, stage in wires[name].items()}
+        parts = key_parts(spec, cfg, {role: r.key for role, r in inputs.items()})
         out_dir = cfg.workdir_path() / name / parts.key()
         with cache.exclusive(out_dir):
             result = StageResult.load(out_dir)
             if result is None:
-                inputs = {role: results[stage] for role, stage in spec.inputs.items()}
                 result = spec.module.run(spec.section(cfg), out_dir, inputs=inputs, resolve=cfg.resolve)
                 result.key = parts.key()
                 result.lineage = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, name: result.key}

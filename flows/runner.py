@@ -37,36 +37,33 @@ class StageSpec:
     name: str
     module: object
     section: Callable[[PipelineConfig], Section]
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # the default wiring; the config's `inputs` may change it
     libraries: tuple[str, ...] = ()
 
-    @property
-    def upstream(self) -> list[str]:
-        return list(dict.fromkeys(self.inputs.values()))
 
-
-def key_parts(spec: StageSpec, cfg: PipelineConfig, keys: dict[str, str],
+def key_parts(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, str],
               locate: cache.Locate = cache.installed) -> cache.KeyParts:
-    """What the stage's key hashes, given the keys of the stages run so far (by stage name)."""
+    """What the stage's key hashes, given the key of the result that fills each of its input roles."""
     fingerprint = getattr(spec.module, "fingerprint", None)
     return cache.KeyParts(
-        stage=spec.name, config=spec.section(cfg).hashable(),
-        upstream={role: keys[stage] for role, stage in spec.inputs.items()},
+        stage=spec.name, config=spec.section(cfg).hashable(), upstream=dict(upstream),
         inputs=fingerprint(spec.section(cfg), cfg.resolve) if fingerprint else "",
         code=cache.code_hashes(spec.module.__name__, locate), libraries=cache.library_versions(spec.libraries))
 
 
-def stage_key(spec: StageSpec, cfg: PipelineConfig, results: dict[str, StageResult]) -> str:
-    """The key of `spec` given the results of the stages it reads (by stage name)."""
-    return key_parts(spec, cfg, {n: results[n].key for n in spec.upstream}).key()
+def stage_key(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult]) -> str:
+    """The key of `spec` given the results that fill its input roles."""
+    return key_parts(spec, cfg, {role: r.key for role, r in inputs.items()}).key()
 
 
-def dry_run(specs: list[StageSpec], cfg: PipelineConfig, locate: cache.Locate = cache.installed) -> list[dict]:
-    """Per stage in order: its key, whether it is cached, and for a miss what changed since it last ran."""
+def dry_run(specs: list[StageSpec], wires: dict[str, dict[str, str]], cfg: PipelineConfig,
+            locate: cache.Locate = cache.installed) -> list[dict]:
+    """Per stage in order (`wires`: role -> providing stage, per stage): its key, whether it is cached, and for
+    a miss what changed since it last ran."""
     keys: dict[str, str] = {}
     out = []
     for spec in specs:
-        parts = key_parts(spec, cfg, keys, locate)
+        parts = key_parts(spec, cfg, {role: keys[stage] for role, stage in wires[spec.name].items()}, locate)
         key = keys[spec.name] = parts.key()
         stage_dir = cfg.workdir_path() / spec.name
         cached = (stage_dir / key / RESULT_FILE).is_file()
@@ -94,7 +91,7 @@ def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResul
               parent_run_id: str, uri: str):
     """Run (or reuse) one stage; `inputs` maps each of its roles to the result that fills it."""
     log = get_run_logger()
-    parts = key_parts(spec, cfg, {spec.inputs[role]: r.key for role, r in inputs.items()})
+    parts = key_parts(spec, cfg, {role: r.key for role, r in inputs.items()})
     key = parts.key()
     out_dir = cfg.workdir_path() / spec.name / key
     with cache.exclusive(out_dir, lambda: log.info(f"{spec.name}: another run is writing {out_dir}; waiting")):

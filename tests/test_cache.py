@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 from v3flow import cache
 from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES
+from v3flow.flows.pipeline import STAGES, wiring
 from v3flow.flows.runner import dry_run
 from v3flow.stage import StageResult
 
@@ -28,7 +28,7 @@ def scratch_copy(tmp_path: Path) -> Path:
 
 def keys(copy: Path) -> dict[str, str]:
     cfg = load_config(copy / "configs" / "micro.yaml", [f"workdir={copy / 'work'}"])
-    return {r["stage"]: r["key"] for r in dry_run(list(STAGES.values()), cfg, cache.in_checkout(copy))}
+    return {r["stage"]: r["key"] for r in dry_run(list(STAGES.values()), wiring(cfg), cfg, cache.in_checkout(copy))}
 
 
 def touch(path: Path) -> None:

@@ -78,9 +78,9 @@ def cmd_run(args) -> int:
         return _dry_run(cfg, args)
     urls = servers.ensure_for_run(cfg.tracking.tracking_uri)
     os.environ.setdefault("V3FLOW_PROJECT", cfg.project_root or str(Path.cwd()))
-    from v3flow.flows.pipeline import RunRequest, pipeline, plan
+    from v3flow.flows.pipeline import RunRequest, pipeline, plan, wiring
 
-    plan(args.stages)  # unknown stage names are an error before the flow run starts
+    plan(args.stages, wiring(cfg))  # unknown stages or inputs are an error before the flow run starts
     request = RunRequest(config=str(Path(args.config).resolve()), overrides=args.overrides,
                          stages=args.stages, force=args.force)
     result = pipeline(request)
@@ -95,10 +95,11 @@ def cmd_run(args) -> int:
 
 
 def _dry_run(cfg, args) -> int:
-    from v3flow.flows.pipeline import STAGES, plan
+    from v3flow.flows.pipeline import STAGES, plan, wiring
     from v3flow.flows.runner import dry_run
 
-    rows = dry_run([STAGES[name] for name in plan(args.stages)], cfg)
+    wires = wiring(cfg)
+    rows = dry_run([STAGES[name] for name in plan(args.stages, wires)], wires, cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

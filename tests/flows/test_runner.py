@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from prefect.states import Completed, Failed
 
 from tests.conftest import MICRO
+from v3flow.errors import ConfigError
 from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, plan
+from v3flow.flows.pipeline import STAGES, plan, wiring
 from v3flow.flows.runner import _transient, stage_key
 
 
@@ -30,3 +34,17 @@ def test_stage_key_follows_config_and_inputs():
 def test_plan_adds_upstream_stages_in_order():
     assert plan([]) == list(STAGES)
     assert plan(["data"]) == ["data"]
+
+
+def test_inputs_are_wired_by_role_and_the_config_can_rewire_them():
+    assert wiring() == {"data": {}, "pack": {"corpus": "data"}, "pretrain": {"data": "pack"}}
+    assert plan(["pretrain"]) == ["data", "pack", "pretrain"]
+    rewired = wiring(load_config(MICRO, ["inputs.pretrain.data=pack"]))  # explicit, same as the default
+    assert rewired["pretrain"] == {"data": "pack"}
+    for override, message in [("inputs.sft.model=pretrain", "inputs.sft: no such stage"),
+                              ("inputs.pretrain.model=pack", "stage pretrain has no input 'model'"),
+                              ("inputs.pack.corpus=pretrain", "must be one of the stages before pack: ['data']")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            wiring(load_config(MICRO, [override]))
+    # the plan follows the wiring: a stage whose input is rewired needs the new provider, not the old one
+    assert plan(["pack"], {"data": {}, "pack": {}, "pretrain": {"data": "pack"}}) == ["pack"]

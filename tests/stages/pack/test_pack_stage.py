@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import MICRO
 from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, run_offline
+from v3flow.flows.pipeline import STAGES, run_offline, wiring
 from v3flow.flows.runner import dry_run
 from v3flow.stages.pack.packing import unigram_entropy
 
@@ -58,7 +58,7 @@ def test_unigram_entropy_is_reported(packed):
 def test_packing_at_another_length_reuses_the_corpus(packed):
     cfg, results = packed
     longer = load_config(MICRO, [f"workdir={cfg.workdir}", "data.packing.seq_len=256", "model.max_seq_len=256"])
-    plan = {r["stage"]: r for r in dry_run([STAGES["data"], STAGES["pack"]], longer)}
+    plan = {r["stage"]: r for r in dry_run([STAGES["data"], STAGES["pack"]], wiring(longer), longer)}
     assert plan["data"]["cached"] and plan["data"]["key"] == results["data"].key
     assert not plan["pack"]["cached"] and "config seq_len: 128 -> 256" in plan["pack"]["changes"]
     again = run_offline(longer, ["pack"])
