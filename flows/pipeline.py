@@ -22,7 +22,7 @@ from v3flow.errors import ConfigError
 from v3flow.flows.config import PipelineConfig, load_config
 from v3flow.flows.runner import StageSpec, key_parts, run_stage
 from v3flow.section import section_hash
-from v3flow.stage import StageResult
+from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages import data as data_stage
 from v3flow.stages import pack as pack_stage
 from v3flow.stages import pretrain as pretrain_stage
@@ -140,7 +140,7 @@ def run_offline(cfg: PipelineConfig, stages: list[str]) -> dict[str, StageResult
             if result is None:
                 result = spec.module.run(spec.section(cfg), out_dir, inputs=inputs, resolve=cfg.resolve)
                 result.key = parts.key()
-                result.lineage = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, name: result.key}
+                result.lineage = chain_lineage(inputs, name, result.key)
                 parts.save(out_dir)
                 result.save()
         results[name] = result

@@ -24,7 +24,7 @@ from prefect.states import Completed
 from v3flow import cache, tracking
 from v3flow.flows.config import PipelineConfig
 from v3flow.section import Section
-from v3flow.stage import RESULT_FILE, StageResult
+from v3flow.stage import RESULT_FILE, StageResult, chain_lineage
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class StageSpec:
     """A stage of the pipeline: its module (with `run` and optionally `fingerprint`), its config section, its
     inputs by role (role -> the stage that provides it: `{"data": "pack"}`), and the libraries whose versions
     shape its outputs. The module's `run(section, out_dir, inputs={role: StageResult}, resolve)` never
-    names an upstream stage, so which stage fills a role is the pipeline's choice."""
+    names an upstream stage, so which stage fills a role is the pipeline's (or the config's) choice."""
 
     name: str
     module: object
@@ -130,7 +130,7 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
         tracking.end_run(uri, run_id, "FAILED")
         raise
     result.key, result.mlflow_run_id = key, run_id
-    result.lineage = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, spec.name: key}
+    result.lineage = chain_lineage(inputs, spec.name, key)
     tracking.log_params(uri, run_id, result.params)
     tracking.log_metrics(uri, run_id, result.metrics)
     tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)

@@ -63,3 +63,8 @@ def _relative(path: str, root: Path) -> str:
         return p.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return str(p)
+
+
+def chain_lineage(inputs: dict[str, StageResult], stage: str, key: str) -> dict[str, str]:
+    """stage -> key for `stage` and every stage up its chain (through the results it reads)."""
+    return {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, stage: key}

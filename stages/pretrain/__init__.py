@@ -21,7 +21,7 @@ from pathlib import Path
 
 from v3flow.cache import files_fingerprint
 from v3flow.section import section_hash
-from v3flow.stage import StageResult
+from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages.pretrain.config import PretrainStageConfig
 from v3flow.training import artifact
 from v3flow.training import launch as training
@@ -54,7 +54,7 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     init_from = str(resolve(cfg.pretrain.init_from)) if cfg.pretrain.init_from else None
     if init_from:
         artifact.check_compatible(Path(init_from), cfg.model, "pretrain.init_from")
-    chain = {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, STAGE: out_dir.name}
+    chain = chain_lineage(inputs, STAGE, out_dir.name)
     data_ids = {"manifest_sha256": data.params.get("manifest_sha256", ""),
                 "tokenizer_sha256": data.params.get("tokenizer_sha256", "")}
     lineage = {"data_key": data.key, **data_ids, "config_hash": section_hash(cfg)}
