@@ -107,18 +107,21 @@ def code_files(package: str, locate: Locate = installed) -> dict[str, Path]:
     return found
 
 
-def files_fingerprint(root: Path) -> str:
-    """Names, sizes and modification times of the files under `root` (or of the file `root`): what a stage's
-    key holds of inputs that live outside the workdir, such as a model to start from."""
+def files_fingerprint(root: Path, files: list[str] | None = None) -> str:
+    """Names, sizes and modification times of `files` (relative to `root`; by default every file under the
+    folder `root`, or the file `root` itself): what a stage's key holds of inputs that live outside the
+    workdir, such as a corpus or a model to start from."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    base = root if root.is_dir() else root.parent
+    if files is None:
+        files = sorted(p.relative_to(base).as_posix() for p in ([root] if root.is_file() else root.rglob("*"))
+                       if p.is_file())
     h = hashlib.sha256(str(root).encode())
-    for path in files:
-        st = path.stat()
-        h.update(f"{path.relative_to(root).as_posix() if path != root else path.name}\0{st.st_size}\0"
-                 f"{st.st_mtime_ns}\n".encode())
+    for rel in files:
+        st = (base / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 

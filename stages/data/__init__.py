@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from v3flow.cache import files_fingerprint
 from v3flow.errors import DataError
 from v3flow.stage import StageResult
 from v3flow.stages.data import bpe, readers, report, steps
@@ -41,7 +42,7 @@ def fingerprint(cfg: DataConfig, resolve) -> str:
     parts = []
     for src in cfg.sources:
         root = readers.source_root(src, resolve)
-        parts.append(readers.fingerprint(root, readers.list_source_files(src, root)))
+        parts.append(files_fingerprint(root, readers.list_source_files(src, root)))
     return "-".join(parts)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import fnmatch
-import hashlib
 import json
 import sysconfig
 from pathlib import Path
@@ -181,16 +180,6 @@ def list_source_files(src: SourceConfig, root: Path) -> list[str]:
     if not files:
         raise DataError(f"source '{src.name}': no files match {pattern!r} under {root} (include={src.include})")
     return sorted(files)
-
-
-def fingerprint(root: Path, files: list[str]) -> str:
-    """Content-addressing key of a source: its file names, sizes and modification times."""
-    h = hashlib.sha256(str(root).encode())
-    base = root if root.is_dir() else root.parent
-    for rel in files:
-        st = (base / rel).stat()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def make_reader(src: SourceConfig, root: Path, paths_file: Path | None, quarantine_dir: str, max_chars: int):

@@ -23,7 +23,7 @@ from v3flow.cache import files_fingerprint
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages.pretrain.config import PretrainStageConfig
-from v3flow.training import artifact
+from v3flow.training import artifact, checkpoint
 from v3flow.training import launch as training
 from v3flow.training.launch import TrainingError
 
@@ -100,9 +100,7 @@ def run(cfg: PretrainStageConfig, out_dir: Path, inputs: dict[str, StageResult],
 
 
 def training_checkpoint(out_dir: Path) -> Path:
-    from v3flow.training.checkpoint import latest
-
-    found = latest(out_dir / "checkpoints")
+    found = checkpoint.latest(out_dir / "checkpoints")
     if found is None:
         raise TrainingError(f"{out_dir}: training finished without a checkpoint")
     return found
