@@ -16,6 +16,7 @@ from v3flow.config import Section, load
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.stages.data.config import DataConfig, expand_sources
+from v3flow.stages.extend.config import ExtensionConfig
 from v3flow.stages.pretrain.config import PretrainConfig
 
 __all__ = ["PipelineConfig", "TrackingConfig", "load_config"]
@@ -36,6 +37,7 @@ class PipelineConfig(Section):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    extension: ExtensionConfig = Field(default_factory=ExtensionConfig)
     inputs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Which stage fills a stage's input role where it is not the default, "
         "{stage: {role: providing stage}}: e.g. {sft: {model: pretrain}} when context extension is off. Checked "
@@ -62,6 +64,14 @@ class PipelineConfig(Section):
         if self.model.max_seq_len < self.data.packing.seq_len:
             raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is below data.packing.seq_len="
                              f"{self.data.packing.seq_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _extension_starts_at_pretraining_length(self) -> PipelineConfig:
+        L, yarn = self.data.packing.seq_len, self.extension.yarn
+        if yarn.original_seq_len != L:
+            raise ValueError(f"extension.yarn.original_seq_len={yarn.original_seq_len} must equal the pretraining "
+                             f"length data.packing.seq_len={L}")
         return self
 
     def workdir_path(self) -> Path:

@@ -24,8 +24,10 @@ from v3flow.flows.runner import StageSpec, key_parts, run_stage
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages import data as data_stage
+from v3flow.stages import extend as extend_stage
 from v3flow.stages import pack as pack_stage
 from v3flow.stages import pretrain as pretrain_stage
+from v3flow.stages.extend import evaluate as long_eval_stage
 from v3flow.stages.pretrain.config import PretrainStageConfig
 
 TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
@@ -37,8 +39,20 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("pack", pack_stage, lambda cfg: cfg.data.packing, inputs={"corpus": "data"}, libraries=("numpy",)),
         StageSpec("pretrain", pretrain_stage, lambda c: PretrainStageConfig(model=c.model, pretrain=c.pretrain),
                   inputs={"data": "pack"}, libraries=TRAINING_LIBRARIES),
+        *[spec for phase, start in (("phase1", "pretrain"), ("phase2", "extend_phase1")) for spec in (
+            StageSpec(f"pack_{phase}", pack_stage,
+                      lambda c, p=phase: extend_stage.packing(c.data.packing, c.extension, p),
+                      inputs={"corpus": "data"}, libraries=("numpy",)),
+            StageSpec(f"extend_{phase}", extend_stage,
+                      lambda c, p=phase: extend_stage.section(c.model, c.pretrain, c.extension, p),
+                      inputs={"model": start, "data": f"pack_{phase}"}, libraries=TRAINING_LIBRARIES))],
+        StageSpec("long_eval", long_eval_stage, lambda c: long_eval_stage.section(c.data.packing.seq_len, c.extension),
+                  inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data",
+                          "short": "pack"}, libraries=(*TRAINING_LIBRARIES, "tokenizers", "matplotlib")),
     ]
 }
+
+EXTENSION_STAGES = ("pack_phase1", "extend_phase1", "pack_phase2", "extend_phase2", "long_eval")
 
 
 class RunRequest(BaseModel):
@@ -190,3 +204,11 @@ def data(request: StageRequest = StageRequest()) -> dict[str, dict]:
 def pretrain(request: StageRequest = StageRequest()) -> dict[str, dict]:
     """Pretraining (data is reused from the cache, or prepared first)."""
     return _stage("pretrain", request)
+
+
+@flow(name="extend", log_prints=True, flow_run_name=_run_name)
+def extend(request: StageRequest = StageRequest()) -> dict[str, dict]:
+    """Context extension: both YaRN phases and the long-context evaluation, from the newest pretrained model
+    of the config (reused from the cache, or trained first)."""
+    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=["long_eval"],
+                              force=list(EXTENSION_STAGES) if request.force else []))

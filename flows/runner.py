@@ -11,6 +11,7 @@ that produced it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
     tracking.log_params(uri, run_id, result.params)
     tracking.log_metrics(uri, run_id, result.metrics)
     tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)
+    for name, path in result.tables.items():
+        tracking.log_table(uri, run_id, json.loads(Path(path).read_text()), name)
     tracking.log_text(uri, run_id, result.report_md, f"{spec.name}/report.md")
     tracking.end_run(uri, run_id)
     parts.save(out_dir)

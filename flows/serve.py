@@ -14,7 +14,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 
-from v3flow.flows.pipeline import data, pipeline, pretrain
+from v3flow.flows.pipeline import data, extend, pipeline, pretrain
 
 DEPLOYMENT = "v3flow"
 NIGHTLY = Cron("0 3 * * *", timezone="UTC", active=False, slug="nightly-data-refresh")
@@ -26,6 +26,8 @@ def deployments() -> list:
         pipeline.to_deployment(description="The whole recipe, or chosen stages.", **common),
         data.to_deployment(description="Data preparation alone.", schedules=[NIGHTLY], **common),
         pretrain.to_deployment(description="Pretraining (with the data it needs).", **common),
+        extend.to_deployment(description="Context extension, both YaRN phases and the long-context evaluation, from "
+                             "the config's pretrained model.", **common),
     ]
 
 

@@ -25,6 +25,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  # extra lineage params (hashes of inputs/outputs)
     artifacts: list[str] = field(default_factory=list)  # files worth logging to MLflow
+    tables: dict[str, str] = field(default_factory=dict)  # MLflow table name -> JSON file of records
     report_md: str = ""  # human summary, shown as the stage's Prefect artifact
     mlflow_run_id: str | None = None  # the run that produced it (set by the flow)
     lineage: dict[str, str] = field(default_factory=dict)  # stage -> key, for it and every stage up its chain
@@ -35,6 +36,7 @@ class StageResult:
         record["out_dir"] = "."
         record["outputs"] = {k: _relative(v, root) for k, v in self.outputs.items()}
         record["artifacts"] = [_relative(v, root) for v in self.artifacts]
+        record["tables"] = {k: _relative(v, root) for k, v in self.tables.items()}
         path = root / RESULT_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -53,6 +55,7 @@ class StageResult:
         record["out_dir"] = str(root)
         record["outputs"] = {k: str(root / v) for k, v in record["outputs"].items()}
         record["artifacts"] = [str(root / v) for v in record["artifacts"]]
+        record["tables"] = {k: str(root / v) for k, v in record.get("tables", {}).items()}
         return cls(**record)
 
 

@@ -124,6 +124,13 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     client(uri).log_text(run_id, text, name)
 
 
+def log_table(uri: str, run_id: str, records: list[dict], name: str) -> None:
+    """Records (one dict per row) as an MLflow table (`name` ends in .json), shown in the run's artifacts and
+    in the evaluation view."""
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    client(uri).log_table(run_id, {c: [r.get(c) for r in records] for c in columns}, name)
+
+
 def log_figure(uri: str, run_id: str, figure, name: str) -> None:
     client(uri).log_figure(run_id, figure, name)
 

@@ -119,6 +119,11 @@ class PackingSettings(Section):
     fim_rate: float = Field(0.1, ge=0, le=1, description="Share of documents rearranged as PSM FIM (DeepSeek-V3: 0.1).")
     sequences_per_shard: int = Field(8192, gt=0)
     seed: int = Field(1234, description="Seed of the FIM choices and split points.")
+    long_share: float | None = Field(
+        None, ge=0, lt=1, description="Upsample training documents of at least long_min_tokens tokens (repeated, "
+        "in a shuffled order) until they hold this share of the training tokens (context extension); unset: every "
+        "document once, in corpus order.")
+    long_min_tokens: int | None = Field(None, gt=0, description="What counts as long (default: seq_len).")
 
 
 class SlurmSettings(Section):

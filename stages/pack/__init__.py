@@ -35,7 +35,10 @@ def run(cfg: PackingSettings, out_dir: Path, inputs: dict[str, StageResult], res
     for i, (split, info) in enumerate(tokens["splits"].items()):  # train, then val
         packer = packing.Packer(packed, split, cfg.seq_len, cfg.sequences_per_shard, ids["pad"])
         ds_files = sorted((Path(corpus.outputs["tokens"]) / info["path"]).glob("*.ds"))
-        splits[split] = packing.pack_split(ds_files, tokens["token_size"], packer, fim, cfg.fim_rate, cfg.seed + i)
+        upsample = {"long_share": cfg.long_share, "long_min_tokens": cfg.long_min_tokens or cfg.seq_len} \
+            if split == "train" and cfg.long_share is not None else {}  # held-out documents stay as they are
+        splits[split] = packing.pack_split(ds_files, tokens["token_size"], packer, fim, cfg.fim_rate, cfg.seed + i,
+                                           **upsample)
     entropy = packing.unigram_entropy([packed / s["path"] for s in splits["train"].shards], tokens["vocab_size"],
                                       ids["pad"])
     manifest = packing.write_manifest(packed, cfg, splits, tokens, entropy)
@@ -57,6 +60,9 @@ def run(cfg: PackingSettings, out_dir: Path, inputs: dict[str, StageResult], res
                 "tokens_sha256": tokens["sha256"]},
         artifacts=[str(packed / "manifest.json")],
     )
+    up = splits["train"].upsampling
+    if up:
+        m.update({f"train_{k}": float(v) for k, v in up.items()})
     result.report_md = "\n".join([
         "## Packing", "", "| | |", "|---|---|",
         f"| sequence length | {cfg.seq_len:,} tokens |",
@@ -65,6 +71,9 @@ def run(cfg: PackingSettings, out_dir: Path, inputs: dict[str, StageResult], res
         f"| FIM documents (rate {cfg.fim_rate}) | {m['train_fim_documents']:,} of {m['train_documents']:,} |",
         f"| packing efficiency | {m['packing_efficiency']:.4%} |",
         f"| unigram entropy (train) | {entropy:.3f} nats |",
+        *([(f"| long documents (>= {up['long_min_tokens']:,} tokens) | {up['long_documents']:,}, "
+            f"{up['long_share_natural']:.1%} of tokens, repeated x{up['long_repeat']:.2f} to "
+            f"{up['long_share_target']:.0%} |")] if up else []),
         "", f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{tokens['tokenizer_sha256'][:16]}`.",
     ])
     return result

@@ -61,7 +61,7 @@ def read_ds_documents(ds_path: Path, token_size: int) -> Iterator[np.ndarray]:
     ends = np.fromfile(f"{ds_path}.index", dtype=np.uint64)
     start = 0
     for end in ends:
-        yield np.asarray(tokens[start:int(end)], dtype=TOKEN_DTYPE)
+        yield tokens[start:int(end)]  # a view; np.asarray(..., TOKEN_DTYPE) where a copy is needed
         start = int(end)
 
 
@@ -73,6 +73,7 @@ class PackStats:
     sequences: int = 0
     pad_tokens: int = 0
     shards: list[dict] = field(default_factory=list)
+    upsampling: dict = field(default_factory=dict)  # long-document upsampling, when asked for
 
     @property
     def efficiency(self) -> float:
@@ -93,6 +94,7 @@ class Packer:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, doc: np.ndarray, fim: bool = False) -> None:
+        doc = np.asarray(doc, dtype=TOKEN_DTYPE)
         self.stats.documents += 1
         self.stats.fim_documents += int(fim)
         self.stats.tokens += len(doc)
@@ -125,15 +127,56 @@ class Packer:
 
 
 def pack_split(
-    ds_files: list[Path], token_size: int, packer: Packer, fim: FimTokens, fim_rate: float, seed: int
+    ds_files: list[Path], token_size: int, packer: Packer, fim: FimTokens, fim_rate: float, seed: int,
+    long_share: float | None = None, long_min_tokens: int = 0,
 ) -> PackStats:
-    """Pack every document of `ds_files`, FIM-rearranging a `fim_rate` share of them (seeded)."""
+    """Pack every document of `ds_files`, FIM-rearranging a `fim_rate` share of them (seeded). With
+    `long_share`, documents of at least `long_min_tokens` tokens are repeated until they hold that share of the
+    tokens, and all documents are laid out in a seeded random order (so copies of one document land apart)."""
     rng = np.random.default_rng(seed)
-    for ds in ds_files:
-        for doc in read_ds_documents(ds, token_size):
-            use_fim = fim_rate > 0 and rng.random() < fim_rate
-            packer.add(apply_fim(doc, fim, rng) if use_fim else doc, fim=use_fim)
+    if long_share is None:
+        docs: Iterator[np.ndarray] = (doc for ds in ds_files for doc in read_ds_documents(ds, token_size))
+    else:
+        order, packer.stats.upsampling = upsampled_order(ds_files, long_share, long_min_tokens, rng)
+        files = [list(read_ds_documents(ds, token_size)) for ds in ds_files]  # views of memory maps, not copies
+        docs = (files[file][index] for file, index in order)
+    for doc in docs:
+        use_fim = fim_rate > 0 and rng.random() < fim_rate
+        packer.add(apply_fim(doc, fim, rng) if use_fim else doc, fim=use_fim)
     return packer.close()
+
+
+def document_lengths(ds_path: Path) -> np.ndarray:
+    """Token count of each document of a datatrove `.ds` file, from its index alone."""
+    if ds_path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.fromfile(f"{ds_path}.index", dtype=np.uint64).astype(np.int64)
+    return np.diff(ends, prepend=0)
+
+
+def upsampled_order(ds_files: list[Path], long_share: float, long_min_tokens: int,
+                    rng: np.random.Generator) -> tuple[list[tuple[int, int]], dict]:
+    """(file, document) pairs in a seeded random order, documents of at least `long_min_tokens` tokens repeated
+    r times on average (whole copies, the fraction by a seeded draw) so that they hold `long_share` of the
+    tokens; r is never below 1 (no document is dropped). Also the numbers that describe it."""
+    lengths = [document_lengths(ds) for ds in ds_files]
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    long_tokens = int(all_lengths[all_lengths >= long_min_tokens].sum())
+    short_tokens = int(all_lengths.sum()) - long_tokens
+    natural = long_tokens / max(long_tokens + short_tokens, 1)
+    repeat = max(1.0, long_share * short_tokens / ((1 - long_share) * long_tokens)) if long_tokens else 1.0
+    order = []
+    for file, lens in enumerate(lengths):
+        for index, n in enumerate(lens):
+            copies = 1
+            if n >= long_min_tokens:
+                copies = int(repeat) + int(rng.random() < repeat - int(repeat))
+            order.extend([(file, index)] * copies)
+    order = [order[i] for i in rng.permutation(len(order))]
+    info = {"long_min_tokens": long_min_tokens, "long_documents": int((all_lengths >= long_min_tokens).sum()),
+            "long_share_natural": natural, "long_repeat": repeat,
+            "long_share_target": long_share if long_tokens else 0.0}
+    return order, info
 
 
 def unigram_entropy(shards: list[Path], vocab_size: int, pad_id: int) -> float:
@@ -160,7 +203,7 @@ def write_manifest(folder: Path, cfg: PackingSettings, splits: dict[str, PackSta
         "train_unigram_entropy_nats": entropy,
         "splits": {
             split: {"documents": s.documents, "fim_documents": s.fim_documents, "tokens": s.tokens,
-                    "pad_tokens": s.pad_tokens, "sequences": s.sequences, "shards": s.shards}
+                    "pad_tokens": s.pad_tokens, "sequences": s.sequences, "shards": s.shards, **s.upsampling}
             for split, s in splits.items()
         },
     }

@@ -39,6 +39,11 @@ class PretrainConfig(Section):
         "auto", description="What runs outside the FP8 GEMMs under precision fp8 (the report: BF16). auto: BF16 "
         "where a probe finds it at least as fast as FP32, else FP32 (CPUs without BF16 units); the choice is "
         "logged and recorded in MLflow (precision.*).")
+    attention: Literal["any", "memory_efficient"] = Field(
+        "any", description="any: PyTorch's attention kernel choice; memory_efficient: a fused kernel that never "
+        "materialises T x T scores (long sequences; an error rather than a silent fallback).")
+    activation_checkpointing: bool = Field(False, description="Recompute the attention sublayers in the backward "
+                                           "pass (selective recompute) to fit longer sequences.")
     moment_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Storage of the AdamW moments (the report: BF16).")
     betas: tuple[float, float] = (0.9, 0.95)

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.model.args import ModelConfig
+from v3flow.model.attention import checkpoint_attention, set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.training import artifact, checkpoint, precision
@@ -48,6 +49,7 @@ class Trainer:
     def __init__(self, run_dir: Path):
         spec = json.loads((run_dir / "run.json").read_text())
         self.run_dir, self.spec = run_dir, spec
+        self.tag = f"[{spec.get('stage', 'pretrain')}]"  # the stage this trainer runs for, in its log lines
         self.cfg, self.model_cfg = PretrainConfig(**spec["pretrain"]), ModelConfig(**spec["model"])
         self.acc = Accelerator(cpu=not torch.cuda.is_available(),
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -59,24 +61,28 @@ class Trainer:
         model.init_weights()
         if spec.get("init_from"):  # weights and router biases; a checkpoint of this run, if any, wins below
             model.load_state_dict(artifact.load_state(Path(spec["init_from"])))
-            self.acc.print(f"[pretrain] initialised from {spec['init_from']}")
+            self.acc.print(f"{self.tag} initialised from {spec['init_from']}")
         self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
         self.raw = precision.apply(model, self.precision)
+        set_attention_kernel(model, self.cfg.attention)
+        if self.cfg.activation_checkpointing:
+            checkpoint_attention(model)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
         self.train = PackedSequences(Path(spec["manifest"]), "train")
         self.val = PackedSequences(Path(spec["manifest"]), "val")
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
                       "rollbacks": 0, "lineage": spec["lineage"]}
-        self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device)
+        self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device,
+                               self.tag)
         self.monitor.params(self.precision.as_params())
-        self.acc.print(f"[pretrain] precision: {self.precision.gemms} GEMMs, {self.precision.autocast} elsewhere "
+        self.acc.print(f"{self.tag} precision: {self.precision.gemms} GEMMs, {self.precision.autocast} elsewhere "
                        f"({self.precision.reason})")
         self.fired: set[int] = set()
         found = checkpoint.latest(run_dir / "checkpoints")
         if found:
             self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
-            self.acc.print(f"[pretrain] resumed from {found.name} at step {self.state['step']}")
+            self.acc.print(f"{self.tag} resumed from {found.name} at step {self.state['step']}")
 
     def autocast(self) -> torch.autocast:
         """BF16 for what is not an FP8 GEMM, where the precision choice says so."""
@@ -205,6 +211,7 @@ class Trainer:
             return None
         model = Transformer(self.model_cfg)
         model.load_state_dict(weights)
+        set_attention_kernel(model, self.cfg.attention)
         return model.to(self.acc.device)
 
     def run(self) -> dict:
@@ -246,8 +253,9 @@ class Trainer:
 def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     started = time.time()
-    result = Trainer(run_dir).run()
-    print(f"[pretrain] done in {time.time() - started:.0f}s: {json.dumps(result)}", flush=True)
+    trainer = Trainer(run_dir)
+    result = trainer.run()
+    print(f"{trainer.tag} done in {time.time() - started:.0f}s: {json.dumps(result)}", flush=True)
 
 
 if __name__ == "__main__":

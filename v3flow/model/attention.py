@@ -15,11 +15,14 @@ Two paths, side by side as in DeepSeek's inference code:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from v3flow.model.args import ModelConfig
 from v3flow.model.layers import RMSNorm, upcast
@@ -28,6 +31,27 @@ from v3flow.model.rope import apply_rope
 # The latent norms' epsilon is fixed in DeepSeek's code and transformers' deepseek_v3 (model.norm_eps is for
 # the block norms): a config with another rms_norm_eps must still export to the same logits.
 LATENT_NORM_EPS = 1e-6
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def set_attention_kernel(model: nn.Module, kind: str) -> None:
+    """kind "memory_efficient": every MLA runs a fused kernel (flash or memory-efficient attention) that never
+    materialises the T x T scores, and fails rather than fall back to the math path; "any": PyTorch's choice
+    (on CPU, the math path when head sizes differ: faster at short lengths, quadratic memory)."""
+    if kind not in ("any", "memory_efficient"):
+        raise ValueError(f"attention kernel {kind!r}: expected any or memory_efficient")
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.kernel = kind
+
+
+def checkpoint_attention(model: nn.Module) -> None:
+    """Selective activation checkpointing: each MLA sublayer is recomputed in the backward pass instead of
+    keeping its per-head queries, keys and values (Megatron's selective recompute). The MoE layers are not
+    recomputed (their expert-load counters would count twice). Parameter names are unchanged."""
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
 
 
 @dataclass
@@ -59,6 +83,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (nope + v), bias=False)
         self.wo = nn.Linear(h * v, cfg.dim, bias=False)
         self.scale = cfg.softmax_scale()
+        self.kernel = "any"  # set_attention_kernel
 
     def _queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -81,9 +106,21 @@ class MLA(nn.Module):
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, cfg.n_heads, -1)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)  # [B, H, T, d_v]
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, d_v]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "any":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        # Fused kernels want one head size for q, k and v (MLA has d_h + d_h^R for q, k and d_v for v): zero
+        # padding changes no score and no output. The math fallback is excluded, so T x T is never stored.
+        qk, dv = q.shape[-1], v.shape[-1]
+        if dv < qk:
+            v = F.pad(v, (0, qk - dv))
+        elif qk < dv:
+            q, k = F.pad(q, (0, dv - qk)), F.pad(k, (0, dv - qk))
+        with sdpa_kernel(FUSED):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., :dv]
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
                        start: int) -> torch.Tensor:

@@ -31,6 +31,15 @@ def training_flops_per_token(model, seq_len: int) -> float:
     return 6 * dense + attention
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def measured_peak_flops(device: torch.device | str = "cpu", reps: int = 8) -> float:
     """FLOP/s of a large matrix product: fp32 1024^3 on CPU, bf16 8192^3 on a GPU (the usual MFU base).
     The fastest of `reps` timings, so a moment of contention on a shared machine does not lower the peak."""
@@ -50,8 +59,8 @@ def measured_peak_flops(device: torch.device | str = "cpu", reps: int = 8) -> fl
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, model, main: bool, seq_len: int, device: torch.device):
-        self.main, self.model = main, model
+    def __init__(self, run_dir: Path, model, main: bool, seq_len: int, device: torch.device, tag: str = "[pretrain]"):
+        self.main, self.model, self.tag, self.device = main, model, tag, torch.device(device)
         self.file = run_dir / "metrics.jsonl"
         self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID") or None
         self.flops_per_token = training_flops_per_token(model, seq_len)
@@ -72,10 +81,12 @@ class Monitor:
             now = time.perf_counter()
             rate = (state["tokens"] - tokens0) / max(now - start, 1e-9)
             self.window = (now, state["tokens"])
-            metrics.update(tokens_per_s=rate, mfu=rate * self.flops_per_token / self.peak)
+            metrics.update(tokens_per_s=rate, mfu=rate * self.flops_per_token / self.peak,
+                           peak_memory_gb=peak_memory_gb(self.device))
             self.log(state["step"], metrics)
-            print(f"[pretrain] step {state['step']:5d}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                  f"{rate:,.0f} tok/s  MFU {metrics['mfu']:.1%}", flush=True)
+            print(f"{self.tag} step {state['step']:5d}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                  f"{rate:,.0f} tok/s  MFU {metrics['mfu']:.1%}  peak memory {metrics['peak_memory_gb']:.2f} GB",
+                  flush=True)
         record = {"step": state["step"], "tokens": state["tokens"], **metrics}
         with open(self.file, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -88,7 +99,7 @@ class Monitor:
 
             tracking.log_metrics(self.uri, self.run_id, finite, step=step)
         if self.main and "val_loss" in metrics:
-            print(f"[pretrain] step {step}: validation loss {metrics['val_loss']:.4f}", flush=True)
+            print(f"{self.tag} step {step}: validation loss {metrics['val_loss']:.4f}", flush=True)
 
     def params(self, params: dict[str, str]) -> None:
         """Settings chosen at run time (e.g. the precision), as MLflow params and in run_params.json."""
@@ -103,7 +114,7 @@ class Monitor:
 
     def event(self, step: int, text: str) -> None:
         if self.main:
-            print(f"[pretrain] step {step}: {text}", flush=True)
+            print(f"{self.tag} step {step}: {text}", flush=True)
             with open(self.file.with_name("events.log"), "a") as f:
                 f.write(f"{step}\t{text}\n")
             if self.run_id:

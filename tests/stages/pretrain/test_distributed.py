@@ -31,21 +31,21 @@ def assert_same_curve(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, micro_data):
     one = tmp_path_factory.mktemp("one")
-    launch(write_run(one, micro_data), one)
+    launch(write_run(one, micro_data).pretrain, one)
     return losses(one)
 
 
 def test_two_torchrun_processes_match_one(tmp_path, micro_data, one_process):
-    launch(write_run(tmp_path, micro_data, TWO), tmp_path)
+    launch(write_run(tmp_path, micro_data, TWO).pretrain, tmp_path)
     assert_same_curve(one_process, losses(tmp_path))
 
 
 def test_accelerate_launch_matches_one_process_and_resumes(tmp_path, micro_data, one_process):
     cfg = write_run(tmp_path, micro_data, TWO + accelerate("ddp.yaml"))
     with pytest.raises(TrainingError):
-        launch(cfg, tmp_path, env={"V3FLOW_FAULT_KILL_AT_STEP": "12"})  # dies after the step-10 checkpoint ...
+        launch(cfg.pretrain, tmp_path, env={"V3FLOW_FAULT_KILL_AT_STEP": "12"})  # dies after the step-10 checkpoint ...
     assert latest(tmp_path / "checkpoints").name == "step_000010"
-    launch(cfg, tmp_path)  # ... and the restarted processes resume from it
+    launch(cfg.pretrain, tmp_path)  # ... and the restarted processes resume from it
     assert_same_curve(one_process, losses(tmp_path))
 
 
@@ -53,5 +53,5 @@ def test_accelerate_launch_matches_one_process_and_resumes(tmp_path, micro_data,
 def test_fsdp2_config_is_refused_without_gpus(tmp_path, micro_data):
     cfg = write_run(tmp_path, micro_data, TWO + accelerate("fsdp2.yaml"))
     with pytest.raises(TrainingError, match="FSDP needs GPUs"):
-        launch(cfg, tmp_path)
+        launch(cfg.pretrain, tmp_path)
     assert not (tmp_path / "checkpoints").exists()

@@ -54,7 +54,7 @@ def test_bf16_moments_fp32_params_and_reload():
 
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])
 def test_short_run_loss_falls_and_moments_are_bf16(tmp_path, micro_data, precision):
-    launch(write_run(tmp_path, micro_data, [f"pretrain.precision={precision}"]), tmp_path)
+    launch(write_run(tmp_path, micro_data, [f"pretrain.precision={precision}"]).pretrain, tmp_path)
     curve = losses(tmp_path)
     first, last = curve[min(curve)]["loss"], curve[max(curve)]["loss"]
     assert last < first - 0.5, (first, last)

@@ -13,14 +13,14 @@ from v3flow.stages.pretrain import TrainingError, launch
 def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data):
     straight = tmp_path / "straight"
     cfg = write_run(straight, micro_data)
-    launch(cfg, straight)
+    launch(cfg.pretrain, straight)
 
     killed = tmp_path / "killed"
     write_run(killed, micro_data)
     with pytest.raises(TrainingError, match="status -9"):
-        launch(cfg, killed, env={"V3FLOW_FAULT_KILL_AT_STEP": "8"})  # after the step-5 checkpoint
+        launch(cfg.pretrain, killed, env={"V3FLOW_FAULT_KILL_AT_STEP": "8"})  # after the step-5 checkpoint
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005"]
-    launch(cfg, killed)
+    launch(cfg.pretrain, killed)
 
     a, b = losses(straight), losses(killed)
     assert a.keys() == b.keys() and len(a) >= 10
@@ -33,7 +33,7 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_da
 def test_guard_skips_a_corrupted_step(tmp_path, micro_data):
     run = tmp_path / "nan"
     cfg = write_run(run, micro_data)
-    launch(cfg, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "3"})
+    launch(cfg.pretrain, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "3"})
     records = losses(run)
     assert "grad_norm" not in records[4]  # step index 3 is record 4: no update was applied
     assert "skipped update" in (run / "events.log").read_text()
@@ -44,7 +44,7 @@ def test_guard_skips_a_corrupted_step(tmp_path, micro_data):
 def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, micro_data):
     run = tmp_path / "rollback"
     cfg = write_run(run, micro_data)
-    launch(cfg, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "6,7,8"})  # max_skips=3 bad steps after step 5's checkpoint
+    launch(cfg.pretrain, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "6,7,8"})  # max_skips=3 bad steps after step 5
     final = json.loads((run / "final.json").read_text())
     assert final["skipped_steps"] == 3 and final["rollbacks"] == 1
     assert "rolled back to step_000005" in (run / "events.log").read_text()
