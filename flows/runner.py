@@ -146,10 +146,10 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
 
 
 def _artifacts(stage: str, result: StageResult, uri: str, run_id: str, note: str = "") -> None:
-    link = tracking.run_url(uri, run_id)
+    link, slug = tracking.run_url(uri, run_id), stage.replace("_", "-")  # Prefect keys: a-z, 0-9 and dashes
     header = f"*{note}: `{result.out_dir}`*\n\n" if note else ""
     create_markdown_artifact(
-        markdown=f"{header}{result.report_md}\n\n[MLflow run]({link})", key=f"{stage}-report",
+        markdown=f"{header}{result.report_md}\n\n[MLflow run]({link})", key=f"{slug}-report",
         description=f"{stage} stage: key numbers",
     )
-    create_link_artifact(link=link, link_text=f"MLflow: {stage} run", key=f"{stage}-mlflow")
+    create_link_artifact(link=link, link_text=f"MLflow: {stage} run", key=f"{slug}-mlflow")

@@ -23,6 +23,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def micro_workdir(tmp_path_factory) -> Path:
+    """One stage workdir for the micro config, shared by the stage tests: each stage runs once per session and
+    is reused from the cache after (as in a real workdir)."""
+    return tmp_path_factory.mktemp("micro-work")
+
+
+@pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Real Prefect + MLflow servers on free loopback ports, state in a temporary V3FLOW_HOME."""
     home = tmp_path_factory.mktemp("v3flow-home")

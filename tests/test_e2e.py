@@ -87,6 +87,34 @@ def test_pretrain_stage_trains_logs_and_exports(servers, first_run):
     assert any(a.path.startswith("expert_loads") for a in client.list_artifacts(run.info.run_id))
 
 
+def test_extension_phases_chain_from_pretraining_and_are_evaluated(servers, first_run):
+    """data -> pretrain -> phase 1 -> phase 2, each phase packed at its length from the same corpus, then the
+    four-arm long-context evaluation, all in MLflow (metrics, tables, figures)."""
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    chain = [json.loads((Path(result[s]["out_dir"]) / "model.json").read_text()) for s in
+             ("extend_phase1", "extend_phase2")]
+    assert chain[0]["init_from"] == result["pretrain"]["out_dir"]
+    assert chain[1]["init_from"] == result["extend_phase1"]["out_dir"]
+    assert [m["model"]["max_seq_len"] for m in chain] == [256, 512] and all(m["model"]["yarn"] for m in chain)
+    assert chain[1]["lineage"]["pack_phase2"] == result["pack_phase2"]["key"]
+    hf = json.loads((Path(result["extend_phase2"]["out_dir"]) / "hf" / "config.json").read_text())
+    rope = hf.get("rope_scaling") or hf["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 8 and rope["original_max_position_embeddings"] == 128
+    phase = client.get_run(result["extend_phase2"]["mlflow_run_id"])
+    for name in ("loss", "tokens_per_s", "maxvio_layer_0", "val_loss", "peak_memory_gb"):
+        assert client.get_metric_history(phase.info.run_id, name), name
+    run = client.get_run(result["long_eval"]["mlflow_run_id"])
+    m = run.data.metrics
+    assert {f"{arm}.short_val_loss" for arm in ("base", "base_yarn", "phase1", "phase2")} <= set(m)
+    assert m["base.loss.0-128"] > 0 and m["passkey_prompts"] == 3
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "long_eval")}
+    assert {"long_eval/positions.json", "long_eval/passkey.json", "long_eval/passkey_prompts.jsonl",
+            "long_eval/loss_by_position.png", "long_eval/passkey_rank_phase2.png"} <= paths
+    table = json.loads(client.download_artifacts(run.info.run_id, "long_eval/positions.json"))
+    assert set(table["columns"]) >= {"arm", "bucket", "loss", "loss_context_cut", "context_gain"}
+
+
 def test_prefect_flow_run_and_artifacts(servers, first_run):
     _, result = first_run
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -105,7 +133,7 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
     started = time.monotonic()
     again = run_json(servers, "--set", f"workdir={workdir}")
     assert again["data"]["cached"] and again["data"]["key"] == first["data"]["key"]
-    assert all(again[s]["cached"] and again[s]["key"] == first[s]["key"] for s in ("pack", "pretrain"))
+    assert all(again[s]["cached"] and again[s]["key"] == first[s]["key"] for s in first)
     assert again["data"]["metrics"] == first["data"]["metrics"]
     assert time.monotonic() - started < 120  # generous: the point is that nothing was recomputed
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -115,7 +143,8 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
 
 def test_changed_config_reruns_and_force_reruns(servers, first_run):
     workdir, first = first_run
-    changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10")
+    changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10", "--stages",
+                       "pretrain")
     assert not changed["data"]["cached"] and changed["data"]["key"] != first["data"]["key"]
     assert not changed["pack"]["cached"] and not changed["pretrain"]["cached"]  # new data: repacked, retrained
     forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")

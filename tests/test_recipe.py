@@ -72,3 +72,22 @@ def test_pretraining_recipe(cfg):  # §3.3 FP8, §4.2 hyperparameters
     assert (s.mtp_lambda(0), s.mtp_lambda(int(0.7 * T))) == (0.3, 0.1)
     assert (s.gamma(0), s.gamma(int(0.97 * T))) == (0.001, 0.0)
     assert s.bias_off_from * 14.8 == pytest.approx(14.3, abs=0.001) and s.balance_alpha == 1e-4
+
+
+def test_context_extension_recipe(cfg):  # §4.3
+    from v3flow.flows.pipeline import STAGES
+
+    e = cfg.extension
+    assert (e.yarn.factor, e.yarn.beta_slow, e.yarn.beta_fast, e.yarn.original_seq_len) == (40, 1, 32, 4096)
+    assert e.yarn.attention_mscale() == pytest.approx(0.1 * __import__("math").log(40) + 1)  # sqrt(t)
+    assert (e.phase1.seq_len, e.phase1.batch_sequences, e.phase1.steps) == (32_768, 1920, 1000)
+    assert (e.phase2.seq_len, e.phase2.batch_sequences, e.phase2.steps) == (131_072, 480, 1000)
+    assert e.lr == 7.3e-6 and e.lr == pytest.approx(cfg.pretrain.schedule.peak_lr * cfg.pretrain.schedule.tail_lr,
+                                                    rel=1e-3)  # the last pretraining LR, held constant
+    for phase, length, batch in (("extend_phase1", 32_768, 1920), ("extend_phase2", 131_072, 480)):
+        section = STAGES[phase].section(cfg)
+        s = section.pretrain.schedule
+        assert section.model.yarn == e.yarn and section.model.max_seq_len == length
+        assert s.batch_size(0) == s.batch_size(s.total_tokens - 1) == batch
+        assert s.lr(0, 0) == s.lr(500, s.total_tokens // 2) == s.lr(999, s.total_tokens - 1) == 7.3e-6
+        assert s.total_tokens == 1000 * batch * length

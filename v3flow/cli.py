@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
         return 0
     for name, r in result.items():
         how = "reused (cached)" if r["cached"] else "ran"
-        print(f"  {name:10s} {how:16s} key {r['key']}  -> {r['out_dir']}")
+        print(f"  {name:14s} {how:16s} key {r['key']}  -> {r['out_dir']}")
     print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}  (experiment '{cfg.tracking.experiment}')")
     return 0
 
@@ -108,12 +108,12 @@ def _dry_run(cfg, args) -> int:
         forced = r["stage"] in args.force
         stale = stale or forced or not r["cached"]
         what = "forced" if forced else "cached" if r["cached"] else "would run"
-        print(f"  {r['stage']:10s} {what:10s} key {r['key']}  -> {r['out_dir']}")
+        print(f"  {r['stage']:14s} {what:10s} key {r['key']}  -> {r['out_dir']}")
         if not r["cached"] and not forced:
             if r["last_run"] is None:
-                print("             never ran with this workdir")
+                print("                 never ran with this workdir")
             for change in r["changes"] or (["(only an upstream stage changed)"] if r["last_run"] else []):
-                print(f"             {change}  [since {Path(r['last_run']).name}]")
+                print(f"                 {change}  [since {Path(r['last_run']).name}]")
     return 0
 
 

@@ -71,10 +71,11 @@ def run(cfg: ExtendStageConfig, out_dir: Path, inputs: dict[str, StageResult], r
     if seq_len != cfg.model.max_seq_len:
         raise ConfigError(f"{stage}: the packed data has {seq_len}-token sequences, the phase trains at "
                           f"{cfg.model.max_seq_len} (extension.{cfg.phase}.seq_len)")
-    yarn = cfg.model.yarn
+    yarn, gamma = cfg.model.yarn, cfg.pretrain.schedule.bias_speed
     result = train(stage, cfg.model, cfg.pretrain, section_hash(cfg), Path(out_dir), inputs, str(source), resolve,
                    extra={"phase": cfg.phase, "mtp": "trained on (lambda from extension.mtp_weight)",
-                          "router_biases": f"carried over; updated with gamma = {cfg.pretrain.schedule.bias_speed}"})
+                          "router_biases": f"carried over, updated with gamma = {gamma}" if gamma else
+                          "carried over unchanged (gamma = 0)"})
     result.report_md = "\n".join([
         f"## Context extension, {cfg.phase}: {yarn.original_seq_len:,} -> {cfg.model.max_seq_len:,} tokens", "",
         (f"YaRN: s = {yarn.factor:g}, beta_fast {yarn.beta_fast:g}, beta_slow {yarn.beta_slow:g}, original length "

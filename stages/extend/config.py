@@ -61,7 +61,9 @@ class ExtensionConfig(Section):
     attention: Literal["any", "memory_efficient"] = Field(
         "memory_efficient", description="memory_efficient: a fused attention kernel that never materialises the "
         "T x T score matrix (an error instead of a silent fallback); any: what PyTorch picks.")
-    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    activation_checkpointing: Literal["none", "attention", "blocks"] = Field(
+        "none", description="Recompute in the backward pass: attention (the MLA sublayers) or blocks (every block, "
+        "head and loss in chunks): see pretrain.activation_checkpointing.")
     checkpoint_every: int = Field(100, gt=0)
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(4, gt=0)

@@ -104,7 +104,7 @@ def run(cfg: LongEvalConfig, out_dir: Path, inputs: dict[str, StageResult], reso
     result = StageResult(stage=STAGE, key=out_dir.name, out_dir=str(out_dir), metrics=metrics,
                          outputs={"positions": str(files["positions"]), "passkey": str(files["passkey"]),
                                   "prompts": str(files["prompts"])},
-                         artifacts=[str(p) for p in files.values()],
+                         artifacts=[str(p) for name, p in files.items() if name not in ("positions", "passkey")],
                          tables={"long_eval/positions.json": str(files["positions"]),
                                  "long_eval/passkey.json": str(files["passkey"])})
     result.report_md = report(summary, positions, edges, cfg, len(long_docs), len(prompts), metrics)

@@ -73,7 +73,7 @@ def run(cfg: PackingSettings, out_dir: Path, inputs: dict[str, StageResult], res
         f"| unigram entropy (train) | {entropy:.3f} nats |",
         *([(f"| long documents (>= {up['long_min_tokens']:,} tokens) | {up['long_documents']:,}, "
             f"{up['long_share_natural']:.1%} of tokens, repeated x{up['long_repeat']:.2f} to "
-            f"{up['long_share_target']:.0%} |")] if up else []),
+            f"{up['long_share_upsampled']:.1%} (asked: at least {cfg.long_share:.0%}) |")] if up else []),
         "", f"Manifest `{manifest['sha256'][:16]}`, tokenizer `{tokens['tokenizer_sha256'][:16]}`.",
     ])
     return result

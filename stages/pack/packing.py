@@ -175,7 +175,7 @@ def upsampled_order(ds_files: list[Path], long_share: float, long_min_tokens: in
     order = [order[i] for i in rng.permutation(len(order))]
     info = {"long_min_tokens": long_min_tokens, "long_documents": int((all_lengths >= long_min_tokens).sum()),
             "long_share_natural": natural, "long_repeat": repeat,
-            "long_share_target": long_share if long_tokens else 0.0}
+            "long_share_upsampled": long_tokens * repeat / max(long_tokens * repeat + short_tokens, 1)}
     return order, info
 
 

@@ -42,8 +42,9 @@ class PretrainConfig(Section):
     attention: Literal["any", "memory_efficient"] = Field(
         "any", description="any: PyTorch's attention kernel choice; memory_efficient: a fused kernel that never "
         "materialises T x T scores (long sequences; an error rather than a silent fallback).")
-    activation_checkpointing: bool = Field(False, description="Recompute the attention sublayers in the backward "
-                                           "pass (selective recompute) to fit longer sequences.")
+    activation_checkpointing: Literal["none", "attention", "blocks"] = Field(
+        "none", description="Recompute in the backward pass to fit longer sequences: attention, the MLA sublayers "
+        "(selective recompute); blocks, every block, with head and loss in chunks (128K tokens on one GPU).")
     moment_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Storage of the AdamW moments (the report: BF16).")
     betas: tuple[float, float] = (0.9, 0.95)

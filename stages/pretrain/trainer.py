@@ -27,8 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.model.args import ModelConfig
-from v3flow.model.attention import checkpoint_attention, set_attention_kernel
-from v3flow.model.transformer import IGNORE, Transformer
+from v3flow.model.attention import set_attention_kernel
+from v3flow.model.transformer import IGNORE, Transformer, checkpoint_activations
 from v3flow.stages.pretrain.config import PretrainConfig
 from v3flow.training import artifact, checkpoint, precision
 from v3flow.training.data import PackedSequences
@@ -65,8 +65,7 @@ class Trainer:
         self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
         self.raw = precision.apply(model, self.precision)
         set_attention_kernel(model, self.cfg.attention)
-        if self.cfg.activation_checkpointing:
-            checkpoint_attention(model)
+        checkpoint_activations(model, self.cfg.activation_checkpointing)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
         self.train = PackedSequences(Path(spec["manifest"]), "train")

@@ -85,6 +85,9 @@ def test_cached_scoring_equals_full_forward_passes(model, tokenizer):
     expected = greedy(model, torch.tensor([p.prompt_ids]), K)[0, -K:].tolist()
     assert scored["exact_match"] == float(expected == p.key_ids)
     assert scored["greedy"] == tokenizer.decode(expected)
+    chunked = lc.score_passkey(model, tokenizer, p, distractors=5, chunk=64)  # prefill 64 tokens at a time
+    assert chunked["key_logprob"] == pytest.approx(scored["key_logprob"], abs=1e-5)
+    assert chunked["rank"] == scored["rank"]
 
 
 def test_grid_summary_and_heatmap(model, tokenizer):

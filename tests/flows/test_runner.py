@@ -25,7 +25,7 @@ def test_stage_key_follows_config_and_inputs():
     spec = STAGES["data"]
     base = stage_key(spec, load_config(MICRO), {})
     assert stage_key(spec, load_config(MICRO), {}) == base
-    assert stage_key(spec, load_config(MICRO, ["data.packing.seq_len=64"]), {}) == base  # the pack stage's
+    assert stage_key(spec, load_config(MICRO, ["data.packing.seq_len=64", "extension.yarn.original_seq_len=64"]), {}) == base  # the pack stage's
     assert stage_key(spec, load_config(MICRO, ["data.val_fraction=0.1"]), {}) != base
     assert stage_key(spec, load_config(MICRO, ["data.executor.workers=1"]), {}) == base
     assert stage_key(spec, load_config(MICRO, ["data.sources.0.include=[json/*]"]), {}) != base
@@ -37,8 +37,16 @@ def test_plan_adds_upstream_stages_in_order():
 
 
 def test_inputs_are_wired_by_role_and_the_config_can_rewire_them():
-    assert wiring() == {"data": {}, "pack": {"corpus": "data"}, "pretrain": {"data": "pack"}}
+    assert wiring() == {"data": {}, "pack": {"corpus": "data"}, "pretrain": {"data": "pack"},
+                        "pack_phase1": {"corpus": "data"}, "extend_phase1": {"model": "pretrain", "data": "pack_phase1"},
+                        "pack_phase2": {"corpus": "data"},
+                        "extend_phase2": {"model": "extend_phase1", "data": "pack_phase2"},
+                        "long_eval": {"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2",
+                                      "corpus": "data", "short": "pack"}}
     assert plan(["pretrain"]) == ["data", "pack", "pretrain"]
+    assert plan(["extend_phase2"]) == ["data", "pack", "pretrain", "pack_phase1", "extend_phase1", "pack_phase2",
+                                       "extend_phase2"]
+    assert plan(["pack_phase2"]) == ["data", "pack_phase2"]  # packing a phase needs only the corpus
     rewired = wiring(load_config(MICRO, ["inputs.pretrain.data=pack"]))  # explicit, same as the default
     assert rewired["pretrain"] == {"data": "pack"}
     for override, message in [("inputs.sft.model=pretrain", "inputs.sft: no such stage"),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from v3flow.model.transformer import IGNORE
+from v3flow.model.transformer import IGNORE, Transformer
 
 
 def test_shapes_and_causality(model, cfg):
@@ -48,3 +49,36 @@ def test_losses_and_gradients(model, cfg):
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0
     assert all(m.gate.weight.grad is not None for m in model.moe_layers())
     assert all(m.gate.bias.grad is None for m in model.moe_layers())  # the bias is outside autograd
+
+
+@pytest.mark.parametrize("recompute", ["attention", "blocks"])
+def test_memory_efficient_attention_and_recompute_change_nothing(cfg, recompute):
+    """The fused kernel (never the T x T scores; q, k, v padded to one head size) and recomputation in the
+    backward pass (attention sublayers; or whole blocks with a chunked head and loss) give the plain model's
+    losses, gradients and expert loads (a replayed MoE layer counts nothing), under the same parameter names."""
+    from v3flow.model.attention import set_attention_kernel
+    from v3flow.model.transformer import checkpoint_activations
+
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    ref.init_weights()
+    lean = Transformer(cfg)
+    lean.load_state_dict(ref.state_dict())
+    set_attention_kernel(lean, "memory_efficient")
+    checkpoint_activations(lean, recompute, loss_chunk=100)
+    assert lean.state_dict().keys() == ref.state_dict().keys()
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len + 1))
+    runs = []
+    for m in (ref, lean):
+        m.train()
+        out = m(tokens[:, :-1], tokens[:, 1:], mtp_weight=0.3, balance_alpha=1e-4)
+        out.loss.backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None},
+                     [moe.loads.clone() for moe in m.moe_layers()]))
+    (a, ga, la), (b, gb, lb) = runs
+    assert torch.allclose(a.lm_loss, b.lm_loss, atol=1e-5) and torch.allclose(a.mtp_loss, b.mtp_loss, atol=1e-5)
+    assert torch.allclose(a.balance_loss, b.balance_loss, atol=1e-6) and ga.keys() == gb.keys()
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4) for n in ga)
+    assert all(torch.equal(x, y) for x, y in zip(la, lb, strict=True)) and la[0].sum() > 0
+    with pytest.raises(ValueError, match="attention kernel 'flash'"):
+        set_attention_kernel(lean, "flash")

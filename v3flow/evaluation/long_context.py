@@ -146,15 +146,18 @@ def _distractors(tokenizer, p: PasskeyPrompt, n: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def score_passkey(model: Transformer, tokenizer, p: PasskeyPrompt, distractors: int = 9) -> dict:
+def score_passkey(model: Transformer, tokenizer, p: PasskeyPrompt, distractors: int = 9, chunk: int = 2048) -> dict:
     """Greedy exact match, and the teacher-forced log-probability and rank of the key against `distractors`
-    random keys. The prompt is encoded once into the latent cache and shared by every candidate."""
+    random keys. The prompt is encoded once into the latent cache, `chunk` tokens at a time (scores of chunk x
+    prompt, never prompt x prompt, at 128K), and shared by every candidate."""
     candidates = [p.key_ids, *_distractors(tokenizer, p, distractors)]
     n, P, K = len(candidates), len(p.prompt_ids), len(p.key_ids)
     device = next(model.parameters()).device
     cache = model.new_cache(n, P + K)
     prompt = torch.tensor([p.prompt_ids], device=device)
-    last = model.head(model.hidden_cached(prompt, cache, 0)[:, -1]).float()  # [1, V]
+    for start in range(0, P, chunk):
+        hidden = model.hidden_cached(prompt[:, start: start + chunk], cache, start)
+    last = model.head(hidden[:, -1]).float()  # [1, V]
     # greedy continuation on row 0
     greedy, logits = [], last
     for i in range(K):

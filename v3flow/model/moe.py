@@ -111,6 +111,7 @@ class MoE(nn.Module):
         self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         self.register_buffer("loads", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.recomputing = False  # set while activation checkpointing replays this layer in the backward pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
@@ -123,7 +124,8 @@ class MoE(nn.Module):
             out = out + self.shared(flat)
         self.balance_loss = None  # only a training pass has one: an eval pass must not add a stale one
         if self.training:
-            self.loads += counts.to(self.loads.dtype)
+            if not self.recomputing:  # a forward replayed by activation checkpointing must not count twice
+                self.loads += counts.to(self.loads.dtype)
             self.balance_loss = self.sequence_balance_loss(indices.view(B, T, -1), scores.view(B, T, -1))
         return out.view(B, T, D)
 

@@ -7,14 +7,17 @@ from outside. Shapes: B batch, T sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from v3flow.model.args import ModelConfig
-from v3flow.model.attention import MLA, LatentCache
+from v3flow.model.attention import MLA, LatentCache, checkpoint_attention
 from v3flow.model.layers import MLP, RMSNorm
 from v3flow.model.moe import MoE
 from v3flow.model.mtp import MTPModule
@@ -49,6 +52,10 @@ class Output:
     logits: torch.Tensor | None = None
 
 
+def _summed_ce(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, ignore_index=IGNORE, reduction="sum")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,6 +69,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.loss_chunk = 0  # > 0: head and cross-entropy `loss_chunk` tokens at a time (checkpoint_activations)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -89,10 +97,9 @@ class Transformer(nn.Module):
                 balance_alpha: float = 0.0) -> Output | torch.Tensor:
         """Without targets: logits [B, T, V]. With targets [B, T] (next tokens): the training losses."""
         h = self.hidden(tokens)
-        logits = self.head(h)
         if targets is None:
-            return logits
-        lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+            return self.head(h)
+        lm = self.cross_entropy(h, targets) / (targets != IGNORE).sum().clamp(min=1)
         mtp = self.mtp_loss(h, tokens, targets) if len(self.mtp) else h.new_zeros(())
         balance = sum((m.balance_loss for m in self.moe_layers() if m.balance_loss is not None), h.new_zeros(()))
         loss = lm + mtp_weight * mtp + balance_alpha * balance
@@ -106,11 +113,18 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             # position i sees h^{k-1}_i and Emb(t_{i+k}) = Emb(tokens[i + k]); it predicts targets[i + k]
             h = module(h[:, : T - k], self.embed(tokens[:, k:]), self.cos[: T - k], self.sin[: T - k])
-            logits = self.head(module.norm(h))
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-            total = total + ce / valid
+            total = total + self.cross_entropy(module.norm(h), targets[:, k:]) / valid
         return total / len(self.mtp)
+
+    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of the head on hidden states h [B, T, D]. With `loss_chunk`, the logits
+        of `loss_chunk` tokens at a time, recomputed in the backward pass: never the whole [B, T, V] (at 128K
+        tokens and a 32K vocabulary that alone is 16 GiB in FP32)."""
+        h, targets = h.flatten(0, 1), targets.flatten()
+        if not self.loss_chunk or len(h) <= self.loss_chunk:
+            return _summed_ce(self.head, h, targets)
+        return sum(checkpoint(_summed_ce, self.head, h[i: i + self.loss_chunk], targets[i: i + self.loss_chunk],
+                              use_reentrant=False) for i in range(0, len(h), self.loss_chunk))
 
     # ----------------------------------------------------------------------------------------- decoding
     def new_cache(self, batch: int, max_len: int) -> list[LatentCache]:
@@ -126,3 +140,35 @@ class Transformer(nn.Module):
         for layer, c in zip(self.layers, cache):
             x = layer.forward_cached(x, self.cos[start:end], self.sin[start:end], c, start)
         return self.norm(x)
+
+
+def checkpoint_activations(model: Transformer, kind: str, loss_chunk: int = 8192) -> None:
+    """Trade compute for memory in training (parameter names and results unchanged):
+    "attention"  recompute each MLA sublayer in the backward pass (selective recompute);
+    "blocks"     recompute every block (MTP's too), keeping only block inputs, and compute head and loss
+                 `loss_chunk` tokens at a time: what a 128K-token sequence needs on one GPU. A replayed MoE layer
+                 does not count its tokens again (the expert loads that move the router biases);
+    "none"       keep every activation."""
+    if kind == "attention":
+        checkpoint_attention(model)
+    elif kind == "blocks":
+        model.loss_chunk = loss_chunk
+        blocks = [*model.layers, *(m.block for m in model.mtp)]
+        for block in blocks:
+            replay = functools.partial(_replaying, [m for m in block.modules() if isinstance(m, MoE)])
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
+                                              context_fn=lambda r=replay: (contextlib.nullcontext(), r()))
+    elif kind != "none":
+        raise ValueError(f"activation checkpointing {kind!r}: expected none, attention or blocks")
+
+
+@contextlib.contextmanager
+def _replaying(moes: list[MoE]):
+    for m in moes:
+        m.recomputing = True
+    try:
+        yield
+    finally:
+        for m in moes:
+            m.recomputing = False
+

@@ -17,8 +17,8 @@ from v3flow.stages.pack.packing import unigram_entropy
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    cfg = load_config(MICRO, [f"workdir={tmp_path_factory.mktemp('work')}"])
+def packed(micro_workdir):
+    cfg = load_config(MICRO, [f"workdir={micro_workdir}"])
     return cfg, run_offline(cfg, ["pack"])
 
 
@@ -57,7 +57,9 @@ def test_unigram_entropy_is_reported(packed):
 
 def test_packing_at_another_length_reuses_the_corpus(packed):
     cfg, results = packed
-    longer = load_config(MICRO, [f"workdir={cfg.workdir}", "data.packing.seq_len=256", "model.max_seq_len=256"])
+    longer = load_config(MICRO, [f"workdir={cfg.workdir}", "data.packing.seq_len=256", "model.max_seq_len=256",
+                                 "extension.yarn.original_seq_len=256", "extension.phase1.seq_len=512",
+                                 "extension.phase2.seq_len=1024"])
     plan = {r["stage"]: r for r in dry_run([STAGES["data"], STAGES["pack"]], wiring(longer), longer)}
     assert plan["data"]["cached"] and plan["data"]["key"] == results["data"].key
     assert not plan["pack"]["cached"] and "config seq_len: 128 -> 256" in plan["pack"]["changes"]

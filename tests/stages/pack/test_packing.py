@@ -60,3 +60,44 @@ def test_fim_rate_is_respected(tmp_path):
     stats = pack_split([ds], 2, Packer(tmp_path / "out", "train", 64, 100, PAD), FIM, 0.1, seed=0)
     assert stats.documents == 2000 and 150 < stats.fim_documents < 250
     assert stats.tokens == sum(len(d) for d in docs) + 3 * stats.fim_documents
+
+
+def write_ds(path, docs: list[np.ndarray]) -> None:
+    np.concatenate(docs).astype(np.uint16).tofile(path)
+    np.cumsum([len(d) for d in docs]).astype(np.uint64).tofile(f"{path}.index")
+
+
+def test_long_documents_are_upsampled_to_their_share(tmp_path):
+    """Context extension's data: long documents repeated (whole copies, seeded) until they hold `long_share`
+    of the tokens; short ones kept once; the order shuffled; nothing dropped."""
+    from v3flow.stages.pack.packing import upsampled_order
+
+    short, long = as_docs([[11] * 49] * 300), as_docs([[12] * 499] * 6)  # 15,000 short and 3,000 long tokens
+    write_ds(tmp_path / "a.ds", short[:150] + long[:3])
+    write_ds(tmp_path / "b.ds", short[150:] + long[3:])
+    files = [tmp_path / "a.ds", tmp_path / "b.ds"]
+    order, info = upsampled_order(files, 0.5, 500, np.random.default_rng(0))
+    assert info["long_documents"] == 6 and abs(info["long_share_natural"] - 3000 / 18000) < 1e-9
+    assert info["long_repeat"] == 5.0 and info["long_share_upsampled"] == 0.5  # 0.5 x 15,000 / (0.5 x 3,000)
+    lengths = {(f, i): (500 if i >= 150 else 50) for f in (0, 1) for i in range(153)}
+    assert sorted(set(order)) == sorted(lengths)  # every document at least once
+    long_tokens = sum(lengths[d] for d in order if lengths[d] == 500)
+    assert long_tokens / sum(lengths[d] for d in order) == 0.5
+    assert order != sorted(order)  # shuffled
+    assert upsampled_order(files, 0.5, 500, np.random.default_rng(0))[0] == order  # seeded
+    # a share below the natural one keeps the corpus as it is
+    low, info = upsampled_order(files, 0.05, 500, np.random.default_rng(0))
+    assert info["long_repeat"] == 1.0 and sorted(low) == sorted(lengths)
+    assert info["long_share_upsampled"] == info["long_share_natural"]
+
+
+def test_pack_split_with_upsampling_keeps_whole_documents(tmp_path):
+    from v3flow.stages.pack.packing import pack_split
+
+    docs = as_docs([[11] * 29] * 40) + as_docs([[12] * 199] * 2)
+    write_ds(tmp_path / "a.ds", docs)
+    stats = pack_split([tmp_path / "a.ds"], 2, Packer(tmp_path / "out", "train", 64, 100, PAD), FIM, 0.0, seed=0,
+                       long_share=0.5, long_min_tokens=200)
+    assert stats.upsampling["long_repeat"] == 3.0 and stats.documents == 40 + 6
+    flat = np.concatenate([np.load(tmp_path / "out" / s["path"]).ravel() for s in stats.shards])
+    assert (flat == 12).sum() == 6 * 199 and (flat == 11).sum() == 40 * 29

@@ -12,9 +12,9 @@ from v3flow.stages.pretrain.config import PretrainStageConfig
 
 
 @pytest.fixture(scope="session")
-def micro_data(tmp_path_factory):
+def micro_data(micro_workdir):
     """The micro corpus packed for training (the `pack` stage's result)."""
-    cfg = load_config(MICRO, [f"workdir={tmp_path_factory.mktemp('work')}"])
+    cfg = load_config(MICRO, [f"workdir={micro_workdir}"])
     return run_offline(cfg, ["pack"])["pack"]
 
 
