@@ -36,7 +36,6 @@ def measure(cfg, data: dict, steps: int) -> dict:
     """Train `steps` steps at the full batch; the median tokens/s and MFU of the 5-step windows after the first,
     and the precision the trainer chose."""
     from v3flow.stages.pretrain import launch
-    from v3flow.stages.pretrain.config import PretrainStageConfig
 
     s = cfg.pretrain.schedule
     schedule = s.model_copy(update={"total_tokens": steps * s.batch_end * cfg.data.packing.seq_len,
@@ -47,7 +46,7 @@ def measure(cfg, data: dict, steps: int) -> dict:
         (Path(tmp) / "run.json").write_text(json.dumps({
             "model": cfg.model.model_dump(mode="json"), "pretrain": pretrain.model_dump(mode="json"),
             "manifest": data["manifest"], "tokenizer": data["tokenizer"], "lineage": {}}))
-        launch(PretrainStageConfig(model=cfg.model, pretrain=pretrain), Path(tmp), env={"MLFLOW_RUN_ID": ""})
+        launch(pretrain, Path(tmp), env={"MLFLOW_RUN_ID": ""})
         windows = [r for r in map(json.loads, (Path(tmp) / "metrics.jsonl").read_text().splitlines())
                    if "tokens_per_s" in r][1:]
         chosen = json.loads((Path(tmp) / "run_params.json").read_text())

@@ -51,7 +51,8 @@ def section(model: ModelConfig, pretrain: PretrainConfig, ext: ExtensionConfig, 
         balance_alpha=pretrain.schedule.balance_alpha)
     recipe = pretrain.model_copy(update={
         "schedule": schedule, "micro_batch": ext.micro_batch, "attention": ext.attention,
-        "activation_checkpointing": ext.activation_checkpointing, "checkpoint_every": ext.checkpoint_every,
+        "activation_checkpointing": ext.activation_checkpointing, "log_every": ext.log_every,
+        "checkpoint_every": ext.checkpoint_every,
         "eval_every": ext.eval_every, "eval_batches": ext.eval_batches, "init_from": None, "export_hf": True})
     return ExtendStageConfig(phase=phase, model=model.model_copy(update={"max_seq_len": p.seq_len, "yarn": ext.yarn}),
                              pretrain=recipe)

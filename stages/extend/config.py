@@ -64,6 +64,7 @@ class ExtensionConfig(Section):
     activation_checkpointing: Literal["none", "attention", "blocks"] = Field(
         "none", description="Recompute in the backward pass: attention (the MLA sublayers) or blocks (every block, "
         "head and loss in chunks): see pretrain.activation_checkpointing.")
+    log_every: int = Field(10, gt=0, description="Steps between logged training metrics (tokens/s, MaxVio).")
     checkpoint_every: int = Field(100, gt=0)
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(4, gt=0)
