@@ -111,7 +111,7 @@ def test_extension_phases_chain_from_pretraining_and_are_evaluated(servers, firs
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "long_eval")}
     assert {"long_eval/positions.json", "long_eval/passkey.json", "long_eval/passkey_prompts.jsonl",
             "long_eval/loss_by_position.png", "long_eval/passkey_rank_phase2.png"} <= paths
-    table = json.loads(client.download_artifacts(run.info.run_id, "long_eval/positions.json"))
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "long_eval/positions.json")).read_text())
     assert set(table["columns"]) >= {"arm", "bucket", "loss", "loss_context_cut", "context_gain"}
 
 

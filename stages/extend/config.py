@@ -9,12 +9,11 @@ model, at its own sequence length.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from v3flow.model.args import YarnConfig
 from v3flow.section import Section
+from v3flow.stages.pretrain.config import AttentionKernel, Recompute
 
 
 class PhaseSettings(Section):
@@ -58,12 +57,9 @@ class ExtensionConfig(Section):
                               "freezes it, gamma = 0, for the end of pretraining and says nothing of extension).")
     mtp_weight: float = Field(0.1, ge=0, description="lambda (the report's value at the end of pretraining).")
     micro_batch: int = Field(1, gt=0, description="Sequences per process per forward pass.")
-    attention: Literal["any", "memory_efficient"] = Field(
-        "memory_efficient", description="memory_efficient: a fused attention kernel that never materialises the "
-        "T x T score matrix (an error instead of a silent fallback); any: what PyTorch picks.")
-    activation_checkpointing: Literal["none", "attention", "blocks"] = Field(
-        "none", description="Recompute in the backward pass: attention (the MLA sublayers) or blocks (every block, "
-        "head and loss in chunks): see pretrain.activation_checkpointing.")
+    attention: AttentionKernel = Field("memory_efficient", description="As pretrain.attention: the fused kernel "
+                                       "by default, since phases are long.")
+    activation_checkpointing: Recompute = Field("none", description="As pretrain.activation_checkpointing.")
     log_every: int = Field(10, gt=0, description="Steps between logged training metrics (tokens/s, MaxVio).")
     checkpoint_every: int = Field(100, gt=0)
     eval_every: int = Field(100, gt=0)

@@ -24,7 +24,6 @@ import json
 import math
 from itertools import pairwise
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from v3flow.section import Section
 from v3flow.stage import StageResult
 from v3flow.stages.extend.config import ExtensionConfig, LongEvalSettings
 from v3flow.stages.pack.packing import read_ds_documents
+from v3flow.stages.pretrain.config import AttentionKernel
 from v3flow.training import artifact
 from v3flow.training.data import PackedSequences
 
@@ -49,7 +49,7 @@ class LongEvalConfig(Section):
     short_len: int  # the pretraining length L
     long_len: int  # phase 2's length: the longest bucket and passkey prompt
     yarn: YarnConfig
-    attention: Literal["any", "memory_efficient"]
+    attention: AttentionKernel
     settings: LongEvalSettings
 
 

@@ -19,6 +19,10 @@ class GuardConfig(Section):
     max_skips: int = Field(3, ge=1)
 
 
+AttentionKernel = Literal["any", "memory_efficient"]  # v3flow.model.attention.set_attention_kernel
+Recompute = Literal["none", "attention", "blocks"]  # v3flow.model.transformer.checkpoint_activations
+
+
 class PretrainConfig(Section):
     unhashed: ClassVar[frozenset[str]] = frozenset(
         {"log_every", "keep_checkpoints", "figure_every", "launcher", "accelerate_config"})
@@ -39,10 +43,10 @@ class PretrainConfig(Section):
         "auto", description="What runs outside the FP8 GEMMs under precision fp8 (the report: BF16). auto: BF16 "
         "where a probe finds it at least as fast as FP32, else FP32 (CPUs without BF16 units); the choice is "
         "logged and recorded in MLflow (precision.*).")
-    attention: Literal["any", "memory_efficient"] = Field(
+    attention: AttentionKernel = Field(
         "any", description="any: PyTorch's attention kernel choice; memory_efficient: a fused kernel that never "
         "materialises T x T scores (long sequences; an error rather than a silent fallback).")
-    activation_checkpointing: Literal["none", "attention", "blocks"] = Field(
+    activation_checkpointing: Recompute = Field(
         "none", description="Recompute in the backward pass to fit longer sequences: attention, the MLA sublayers "
         "(selective recompute); blocks, every block, with head and loss in chunks (128K tokens on one GPU).")
     moment_dtype: Literal["bfloat16", "float32"] = Field(
