@@ -143,10 +143,11 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
 
 def test_changed_config_reruns_and_force_reruns(servers, first_run):
     workdir, first = first_run
-    changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.minhash.bands=10", "--stages",
-                       "pack")
-    assert not changed["data"]["cached"] and changed["data"]["key"] != first["data"]["key"]
-    assert not changed["pack"]["cached"] and changed["pack"]["key"] != first["pack"]["key"]  # new data: repacked
+    changed = run_json(servers, "--set", f"workdir={workdir}", "--set", "data.packing.fim_rate=0.2", "--stages",
+                       "pretrain")
+    assert changed["data"]["cached"] and changed["data"]["key"] == first["data"]["key"]  # not its section
+    assert not changed["pack"]["cached"] and changed["pack"]["key"] != first["pack"]["key"]
+    assert not changed["pretrain"]["cached"] and changed["pretrain"]["key"] != first["pretrain"]["key"]  # new data
     forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")
     assert not forced["data"]["cached"] and forced["data"]["key"] == first["data"]["key"]
     assert forced["pack"]["cached"] and forced["pretrain"]["cached"]  # identical data: same keys, reused

@@ -72,6 +72,10 @@ def run(cfg: ExtendStageConfig, out_dir: Path, inputs: dict[str, StageResult], r
     if seq_len != cfg.model.max_seq_len:
         raise ConfigError(f"{stage}: the packed data has {seq_len}-token sequences, the phase trains at "
                           f"{cfg.model.max_seq_len} (extension.{cfg.phase}.seq_len)")
+    p, batch = cfg.pretrain, cfg.pretrain.schedule.batch_end
+    if batch % (p.micro_batch * p.num_processes):  # the trainer would round it: the recipe's batch is fixed
+        raise ConfigError(f"extension.{cfg.phase}.batch_sequences={batch} is not a multiple of extension.micro_batch "
+                          f"x pretrain.num_processes = {p.micro_batch} x {p.num_processes}")
     yarn, gamma = cfg.model.yarn, cfg.pretrain.schedule.bias_speed
     result = train(stage, cfg.model, cfg.pretrain, section_hash(cfg), Path(out_dir), inputs, str(source), resolve,
                    extra={"phase": cfg.phase, "mtp": "trained on (lambda from extension.mtp_weight)",

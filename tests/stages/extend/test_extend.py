@@ -131,3 +131,14 @@ def test_the_phase_export_gives_transformers_our_logits_past_the_original_length
     tokens = torch.randint(3, ours.cfg.vocab_size, (1, 256))
     with torch.no_grad():
         assert (ours(tokens) - theirs(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_a_phase_batch_the_processes_cannot_share_is_refused(chain, tmp_path):
+    """The trainer rounds a batch to whole micro-batches per process; a phase's batch is the recipe's, so it
+    must divide exactly (the 671B config's 480 sequences on 2048 data-parallel ranks would not)."""
+    cfg, results = chain
+    section = extend.section(cfg.model, cfg.pretrain.model_copy(update={"num_processes": 4}), cfg.extension,
+                             "phase1")
+    with pytest.raises(ConfigError, match=r"batch_sequences=2 is not a multiple of .* = 1 x 4"):
+        extend.run(section, tmp_path, {"model": results["pretrain"], "data": results["pack_phase1"]})
+    assert not (tmp_path / "run.json").exists()  # refused before anything was written
