@@ -16,15 +16,31 @@ from v3flow.config import Section, load
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.stages.data.config import DataConfig, expand_sources
+from v3flow.stages.distill.config import DistillConfig
 from v3flow.stages.extend.config import ExtensionConfig
+from v3flow.stages.grpo.config import GrpoConfig
 from v3flow.stages.pretrain.config import PretrainConfig
+from v3flow.stages.sft.config import SftConfig
+from v3flow.stages.task_eval import TaskEvalSettings
+from v3flow.tasks import TaskConfig
+from v3flow.tasks.arithmetic import ArithmeticSettings
 
-__all__ = ["PipelineConfig", "TrackingConfig", "load_config"]
+__all__ = ["PipelineConfig", "PosttrainConfig", "TrackingConfig", "load_config"]
 
 
 class TrackingConfig(Section):
     experiment: str = "v3flow"
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
+
+
+class PosttrainConfig(Section):
+    """Post-training (report §5): the task, R1-style distillation, SFT, GRPO and their evaluation."""
+
+    task: TaskConfig = Field(default_factory=ArithmeticSettings)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    eval: TaskEvalSettings = Field(default_factory=TaskEvalSettings)
 
 
 class PipelineConfig(Section):
@@ -38,6 +54,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     extension: ExtensionConfig = Field(default_factory=ExtensionConfig)
+    posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig)
     inputs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Which stage fills a stage's input role where it is not the default, "
         "{stage: {role: providing stage}}: e.g. {sft: {model: pretrain}} when context extension is off. Checked "

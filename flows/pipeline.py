@@ -24,13 +24,18 @@ from v3flow.flows.runner import StageSpec, key_parts, run_stage
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages import data as data_stage
+from v3flow.stages import distill as distill_stage
 from v3flow.stages import extend as extend_stage
+from v3flow.stages import grpo as grpo_stage
 from v3flow.stages import pack as pack_stage
 from v3flow.stages import pretrain as pretrain_stage
+from v3flow.stages import sft as sft_stage
+from v3flow.stages import task_eval as task_eval_stage
 from v3flow.stages.extend import evaluate as long_eval_stage
 from v3flow.stages.pretrain.config import PretrainStageConfig
 
 TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
+POSTTRAIN_LIBRARIES = (*TRAINING_LIBRARIES, "trl", "datasets", "tokenizers")
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -49,10 +54,23 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("long_eval", long_eval_stage, lambda c: long_eval_stage.section(c.data.packing.seq_len, c.extension),
                   inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data",
                           "short": "pack"}, libraries=(*TRAINING_LIBRARIES, "tokenizers", "matplotlib")),
+        StageSpec("distill", distill_stage,
+                  lambda c: distill_stage.DistillStageConfig(task=c.posttrain.task, distill=c.posttrain.distill),
+                  inputs={"model": "extend_phase2"}, libraries=("transformers", "tokenizers", "datasets", "math_verify",
+                                                                "openai", "pyarrow")),
+        StageSpec("sft", sft_stage, lambda c: c.posttrain.sft, inputs={"model": "extend_phase2", "data": "distill"},
+                  libraries=POSTTRAIN_LIBRARIES),
+        StageSpec("grpo", grpo_stage, lambda c: grpo_stage.GrpoStageConfig(task=c.posttrain.task, grpo=c.posttrain.grpo),
+                  inputs={"model": "sft"}, libraries=(*POSTTRAIN_LIBRARIES, "math_verify")),
+        StageSpec("task_eval", task_eval_stage,
+                  lambda c: task_eval_stage.TaskEvalStageConfig(task=c.posttrain.task, eval=c.posttrain.eval),
+                  inputs={"base": "extend_phase2", "sft": "sft", "grpo": "grpo"},
+                  libraries=(*TRAINING_LIBRARIES, "tokenizers", "math_verify")),
     ]
 }
 
 EXTENSION_STAGES = ("pack_phase1", "extend_phase1", "pack_phase2", "extend_phase2", "long_eval")
+POSTTRAIN_STAGES = ("distill", "sft", "grpo", "task_eval")
 
 
 class RunRequest(BaseModel):
@@ -212,3 +230,11 @@ def extend(request: StageRequest = StageRequest()) -> dict[str, dict]:
     of the config (reused from the cache, or trained first)."""
     return execute(RunRequest(config=request.config, overrides=request.overrides, stages=["long_eval"],
                               force=list(EXTENSION_STAGES) if request.force else []))
+
+
+@flow(name="posttrain", log_prints=True, flow_run_name=_run_name)
+def posttrain(request: StageRequest = StageRequest()) -> dict[str, dict]:
+    """Post-training: R1-style distillation, SFT, GRPO and the held-out task evaluation, from the newest
+    extended model of the config (reused from the cache, or trained first)."""
+    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=["task_eval"],
+                              force=list(POSTTRAIN_STAGES) if request.force else []))

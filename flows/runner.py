@@ -137,6 +137,8 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
     tracking.log_artifacts(uri, run_id, result.artifacts, artifact_path=spec.name)
     for name, path in result.tables.items():
         tracking.log_table(uri, run_id, json.loads(Path(path).read_text()), name)
+    for name, path in result.datasets.items():
+        tracking.log_dataset(uri, run_id, path, name, context=spec.name)
     tracking.log_text(uri, run_id, result.report_md, f"{spec.name}/report.md")
     tracking.end_run(uri, run_id)
     parts.save(out_dir)

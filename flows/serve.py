@@ -14,7 +14,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 
-from v3flow.flows.pipeline import data, extend, pipeline, pretrain
+from v3flow.flows.pipeline import data, extend, pipeline, posttrain, pretrain
 
 DEPLOYMENT = "v3flow"
 NIGHTLY = Cron("0 3 * * *", timezone="UTC", active=False, slug="nightly-data-refresh")
@@ -28,6 +28,8 @@ def deployments() -> list:
         pretrain.to_deployment(description="Pretraining (with the data it needs).", **common),
         extend.to_deployment(description="Context extension, both YaRN phases and the long-context evaluation, from "
                              "the config's pretrained model.", **common),
+        posttrain.to_deployment(description="Post-training: distillation, SFT, GRPO and the held-out task evaluation, "
+                                "from the config's newest extended model (reused, or trained first).", **common),
     ]
 
 

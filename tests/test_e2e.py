@@ -115,6 +115,30 @@ def test_extension_phases_chain_from_pretraining_and_are_evaluated(servers, firs
     assert set(table["columns"]) >= {"arm", "bucket", "loss", "loss_context_cut", "context_gain"}
 
 
+def test_post_training_chains_after_extension_and_is_in_mlflow(servers, first_run):
+    """distill -> SFT -> GRPO from the extended model, then the held-out evaluation of every arm: the distilled
+    data as an MLflow dataset input with its digest, GRPO's curves, the accuracy and per-sample tables."""
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    distill = client.get_run(result["distill"]["mlflow_run_id"])
+    inputs = {d.dataset.name: d.dataset for d in distill.inputs.dataset_inputs}
+    assert {"distilled-sft", "teacher-samples"} <= set(inputs) and inputs["distilled-sft"].digest
+    assert 0 < distill.data.metrics["acceptance_rate"] < 1
+    sft = client.get_run(result["sft"]["mlflow_run_id"])
+    assert "distilled-sft" in {d.dataset.name for d in sft.inputs.dataset_inputs}
+    assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2
+    grpo = client.get_run(result["grpo"]["mlflow_run_id"])
+    for name in ("reward", "rewards/accuracy_reward/mean", "completions/mean_length", "completions/clipped_ratio",
+                 "frac_reward_zero_std", "kl"):
+        assert client.get_metric_history(grpo.info.run_id, name), name
+    chain = json.loads((Path(result["grpo"]["out_dir"]) / "model.json").read_text())
+    assert chain["init_from"] == result["sft"]["out_dir"] and chain["lineage"]["extend_phase2"]
+    evaluation = client.get_run(result["task_eval"]["mlflow_run_id"])
+    assert {"base.accuracy", "sft.accuracy", "grpo.accuracy", "grpo.pass_at_2"} <= set(evaluation.data.metrics)
+    samples = json.loads(Path(client.download_artifacts(evaluation.info.run_id, "samples.json")).read_text())
+    assert set(samples["columns"]) >= {"arm", "question", "response", "correct", "samples_correct"}
+
+
 def test_prefect_flow_run_and_artifacts(servers, first_run):
     _, result = first_run
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])

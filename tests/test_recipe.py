@@ -91,3 +91,17 @@ def test_context_extension_recipe(cfg):  # §4.3
         assert s.batch_size(0) == s.batch_size(s.total_tokens - 1) == batch
         assert s.lr(0, 0) == s.lr(500, s.total_tokens // 2) == s.lr(999, s.total_tokens - 1) == 7.3e-6
         assert s.total_tokens == 1000 * batch * length
+
+
+def test_post_training_recipe(cfg):  # §5; GRPO values the report leaves out are DeepSeekMath's (marked [DSM])
+    p = cfg.posttrain
+    assert p.distill.teacher.kind == "openai" and p.distill.teacher.model == "deepseek-ai/DeepSeek-R1"
+    assert (p.distill.temperature, p.distill.top_p) == (0.6, 0.95)  # R1's sampling settings
+    assert (p.sft.epochs, p.sft.lr, p.sft.min_lr, p.sft.packing) == (2, 5e-6, 1e-6, True)
+    assert set(p.sft.forms) == {"original", "r1"}  # the report's two forms per instance
+    g = p.grpo
+    assert (g.num_generations, g.prompts_per_step, g.max_completion_length, g.lr, g.beta) == (64, 16, 1024, 1e-6, 0.04)
+    assert (g.num_iterations, g.loss_type, g.rewards) == (1, "grpo", {"accuracy": 1.0, "format": 0.1})
+    assert (p.eval.temperature, p.eval.top_p) == (0.6, 0.95)
+    text = (ROOT / "configs" / "deepseek-v3-671b.yaml").read_text()
+    assert text.count("[DSM]") >= 5

@@ -26,6 +26,7 @@ class StageResult:
     params: dict[str, str] = field(default_factory=dict)  # extra lineage params (hashes of inputs/outputs)
     artifacts: list[str] = field(default_factory=list)  # files worth logging to MLflow
     tables: dict[str, str] = field(default_factory=dict)  # MLflow table name -> JSON file of records
+    datasets: dict[str, str] = field(default_factory=dict)  # MLflow dataset input name -> parquet file
     report_md: str = ""  # human summary, shown as the stage's Prefect artifact
     mlflow_run_id: str | None = None  # the run that produced it (set by the flow)
     lineage: dict[str, str] = field(default_factory=dict)  # stage -> key, for it and every stage up its chain
@@ -37,6 +38,7 @@ class StageResult:
         record["outputs"] = {k: _relative(v, root) for k, v in self.outputs.items()}
         record["artifacts"] = [_relative(v, root) for v in self.artifacts]
         record["tables"] = {k: _relative(v, root) for k, v in self.tables.items()}
+        record["datasets"] = {k: _relative(v, root) for k, v in self.datasets.items()}
         path = root / RESULT_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -56,6 +58,7 @@ class StageResult:
         record["outputs"] = {k: str(root / v) for k, v in record["outputs"].items()}
         record["artifacts"] = [str(root / v) for v in record["artifacts"]]
         record["tables"] = {k: str(root / v) for k, v in record.get("tables", {}).items()}
+        record["datasets"] = {k: str(root / v) for k, v in record.get("datasets", {}).items()}
         return cls(**record)
 
 

@@ -131,6 +131,19 @@ def log_table(uri: str, run_id: str, records: list[dict], name: str) -> None:
     client(uri).log_table(run_id, {c: [r.get(c) for r in records] for c in columns}, name)
 
 
+def log_dataset(uri: str, run_id: str, path: str, name: str, context: str) -> str:
+    """A parquet file as an MLflow dataset input of the run (name, digest, schema, source path); returns the
+    digest."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(Path(path).resolve()), name=name)
+    tag = InputTag(key="mlflow.data.context", value=context)
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
+    return dataset.digest
+
+
 def log_figure(uri: str, run_id: str, figure, name: str) -> None:
     client(uri).log_figure(run_id, figure, name)
 

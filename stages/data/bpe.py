@@ -4,7 +4,8 @@
 - The pre-tokenizer splits digits into groups of at most three and lets a run of punctuation absorb the
   line breaks that follow it, the merge the report introduces for code and multi-line prompts. (The
   report's random splitting of such merged tokens during training is a pretraining-time option.)
-- Special tokens use DeepSeek's own strings, so the exported tokenizer drops into DeepSeek tooling.
+- Special tokens use DeepSeek's own strings, and the chat template DeepSeek's conversation format, so the
+  exported tokenizer drops into DeepSeek tooling (and chat endpoints such as `transformers serve`).
 
 Saved as `tokenizer.json` plus `tokenizer_config.json` / `special_tokens_map.json` (transformers'
 PreTrainedTokenizerFast), which `AutoTokenizer.from_pretrained(folder)` loads.
@@ -29,6 +30,15 @@ ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT]
 # Reasoning markers of R1-style data: ordinary (non-special) added tokens, as in DeepSeek-R1's tokenizer.
 ADDED_TOKENS = ["<think>", "</think>"]
+# DeepSeek-V3's conversation format without its tool-call parts: system prompts right after BOS, then
+# <｜User｜> and <｜Assistant｜> turns, each assistant turn closed by EOS. The `generation` markers tell
+# transformers which tokens the assistant wrote (TRL's assistant-only loss).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{% generation %}{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% endgeneration %}{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
 
 PRETOKENIZE = (
     r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"  # a word with at most one leading space or symbol
@@ -89,6 +99,7 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> str:
         additional_special_tokens=[FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT],
         clean_up_tokenization_spaces=False,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
     return file_sha256(folder / "tokenizer.json")
 

@@ -42,14 +42,18 @@ def test_inputs_are_wired_by_role_and_the_config_can_rewire_them():
                         "pack_phase2": {"corpus": "data"},
                         "extend_phase2": {"model": "extend_phase1", "data": "pack_phase2"},
                         "long_eval": {"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2",
-                                      "corpus": "data", "short": "pack"}}
+                                      "corpus": "data", "short": "pack"},
+                        "distill": {"model": "extend_phase2"}, "sft": {"model": "extend_phase2", "data": "distill"},
+                        "grpo": {"model": "sft"}, "task_eval": {"base": "extend_phase2", "sft": "sft", "grpo": "grpo"}}
     assert plan(["pretrain"]) == ["data", "pack", "pretrain"]
     assert plan(["extend_phase2"]) == ["data", "pack", "pretrain", "pack_phase1", "extend_phase1", "pack_phase2",
                                        "extend_phase2"]
     assert plan(["pack_phase2"]) == ["data", "pack_phase2"]  # packing a phase needs only the corpus
     rewired = wiring(load_config(MICRO, ["inputs.pretrain.data=pack"]))  # explicit, same as the default
     assert rewired["pretrain"] == {"data": "pack"}
-    for override, message in [("inputs.sft.model=pretrain", "inputs.sft: no such stage"),
+    skip = wiring(load_config(MICRO, ["inputs.sft.model=pretrain"]))  # post-training without context extension
+    assert skip["sft"] == {"model": "pretrain", "data": "distill"}
+    for override, message in [("inputs.rlhf.model=pretrain", "inputs.rlhf: no such stage"),
                               ("inputs.pretrain.model=pack", "stage pretrain has no input 'model'"),
                               ("inputs.pack.corpus=pretrain", "must be one of the stages before pack: ['data']")]:
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -31,6 +31,39 @@ def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.T
     return out
 
 
+@torch.no_grad()
+def sample(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+           eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """prompt [B, P] (same length) -> [B, P + n] with n <= new_tokens: greedy at temperature 0, else sampled with
+    nucleus (top-p) truncation; stops early once every row has produced `eos_id` (later tokens are eos)."""
+    B, P = prompt.shape
+    cache = model.new_cache(B, P + new_tokens)
+    out, done = prompt, torch.zeros(B, dtype=torch.bool)
+    logits = model.head(model.hidden_cached(prompt, cache, 0)[:, -1])
+    for i in range(new_tokens):
+        nxt = _pick(logits.float(), temperature, top_p, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if i + 1 == new_tokens or bool(done.all()):
+            break
+        logits = model.head(model.hidden_cached(nxt[:, None], cache, P + i)[:, -1])
+    return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+
 @dataclass
 class SpeculativeStats:
     drafted: int = 0

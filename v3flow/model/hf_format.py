@@ -165,7 +165,10 @@ def export_hf(model: Transformer, folder: Path, tokenizer_dir: Path | None = Non
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     dtype_name = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config(model.cfg, bos_id, eos_id, dtype_name), indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": bos_id, "eos_token_id": eos_id}))
+    # DeepSeek's released sampling settings (R1: temperature 0.6, top-p 0.95). do_sample must be on here: servers
+    # such as `transformers serve` copy a request's temperature into this config but never switch sampling on.
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.6, "top_p": 0.95}))
     if tokenizer_dir:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():

@@ -14,7 +14,10 @@ from v3flow.stages.pretrain import TrainingError, launch
 from v3flow.training.checkpoint import latest
 
 ROOT = Path(__file__).parents[3]
-TWO = ["pretrain.num_processes=2", "pretrain.micro_batch=2"]
+# FP32 outside the FP8 GEMMs: where BF16 is fast the trainer would pick it, and BF16 rounds one process's
+# accumulated micro-batches and two processes' all-reduced gradients differently; this checks data parallelism.
+FP32 = ["pretrain.high_precision=fp32"]
+TWO = [*FP32, "pretrain.num_processes=2", "pretrain.micro_batch=2"]
 
 
 def accelerate(name: str) -> list[str]:
@@ -31,7 +34,7 @@ def assert_same_curve(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, micro_data):
     one = tmp_path_factory.mktemp("one")
-    launch(write_run(one, micro_data).pretrain, one)
+    launch(write_run(one, micro_data, FP32).pretrain, one)
     return losses(one)
 
 

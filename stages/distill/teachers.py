@@ -1,0 +1,159 @@
+"""Teachers: whatever answers a conversation with an R1-style response. Each yields (request, completion) pairs
+as they finish, in any order; the stage appends them to a file as they come, so a killed generation resumes.
+
+- `OpenAIClientTeacher`: one request per sample (some servers ignore `n`, e.g. `transformers serve`), in a
+  thread pool of `concurrency`, each with its own seed; timeouts and retries are the openai client's.
+- `HFTeacher`: transformers' `generate` on a local folder, seeded per batch.
+- `Oracle`: the programmatic teacher of the synthetic arithmetic task (see config.OracleTeacher).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from v3flow.errors import ConfigError
+from v3flow.stages.distill.config import DistillConfig, HFTeacher, OpenAITeacher, OracleTeacher
+from v3flow.tasks.arithmetic import Arithmetic, scratchpad, solve, spell
+from v3flow.tasks.base import Problem, Task
+from v3flow.tasks.reasoning import END_THINK, THINK, respond
+
+STOP, LENGTH = "stop", "length"  # OpenAI's finish reasons
+
+
+@dataclass(frozen=True)
+class Request:
+    key: str  # "<problem id>/<sample index>"
+    problem: Problem
+    messages: list[dict[str, str]]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # STOP or LENGTH
+
+
+Generate = Callable[[list[Request]], Iterator[tuple[Request, Completion]]]
+
+
+def build(cfg: DistillConfig, task: Task, count_tokens: Callable[[str], list[int]], decode, resolve=Path) -> Generate:
+    teacher = cfg.teacher
+    if isinstance(teacher, OpenAITeacher):
+        return OpenAIClientTeacher(teacher, cfg).generate
+    if isinstance(teacher, HFTeacher):
+        return HFModelTeacher(resolve(teacher.path), cfg).generate
+    if not isinstance(task, Arithmetic):
+        raise ConfigError(f"posttrain.distill.teacher.kind=oracle writes arithmetic traces only; the task is "
+                          f"{task.name}: use an openai or hf teacher")
+    return Oracle(teacher, cfg.max_tokens, count_tokens, decode).generate
+
+
+class OpenAIClientTeacher:
+    def __init__(self, teacher: OpenAITeacher, cfg: DistillConfig):
+        from openai import OpenAI
+
+        self.teacher, self.cfg = teacher, cfg
+        self.client = OpenAI(base_url=teacher.base_url, api_key=os.environ.get(teacher.api_key_env) or "none",
+                             timeout=teacher.timeout_s, max_retries=teacher.retries)
+
+    def _one(self, request: Request) -> Completion:
+        reply = self.client.chat.completions.create(
+            model=self.teacher.model, messages=request.messages, temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p, max_tokens=self.cfg.max_tokens, seed=request.seed, n=1)
+        choice = reply.choices[0]
+        message = choice.message
+        text = message.content or ""
+        # vLLM / SGLang with a reasoning parser return the reasoning apart from the answer
+        reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+        if reasoning:
+            text = respond(reasoning, text)
+        elif self.teacher.think_prefilled and END_THINK in text and THINK not in text:
+            text = f"{THINK}\n{text}"
+        return Completion(text, LENGTH if choice.finish_reason == LENGTH else STOP)
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
+        with ThreadPoolExecutor(self.teacher.concurrency) as pool:
+            futures = {pool.submit(self._one, r): r for r in requests}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
+
+class HFModelTeacher:
+    def __init__(self, folder: Path, cfg: DistillConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"posttrain.distill.teacher.path={folder}: not a Hugging Face model folder")
+        self.cfg, self.torch = cfg, torch
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
+        size, tok, eos = self.cfg.teacher.batch_size, self.tokenizer, self.tokenizer.eos_token_id
+        for i in range(0, len(requests), size):
+            batch = requests[i : i + size]
+            enc = tok.apply_chat_template([r.messages for r in batch], add_generation_prompt=True, padding=True,
+                                          return_tensors="pt", return_dict=True)
+            self.torch.manual_seed(batch[0].seed)
+            with self.torch.no_grad():
+                out = self.model.generate(**enc, do_sample=self.cfg.temperature > 0, temperature=self.cfg.temperature
+                                          or None, top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_tokens,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            for request, row in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+                finished = eos in row
+                text = tok.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True)
+                yield request, Completion(text, STOP if finished else LENGTH)
+
+
+class Oracle:
+    """Correct column-by-column traces with a self-check; with probability `error_rate` one of: a digit slip
+    (caught and fixed by the check with probability `self_correct`, else answered wrongly), a broken format,
+    or rambling (the check repeated past the length limit)."""
+
+    def __init__(self, teacher: OracleTeacher, max_tokens: int, count_tokens, decode):
+        self.teacher, self.max_tokens, self.count_tokens, self.decode = teacher, max_tokens, count_tokens, decode
+
+    def respond(self, problem: Problem, rng: random.Random) -> str:
+        a, op, b = Arithmetic.operands(problem)
+        lines, result = solve(a, op, b)
+        if rng.random() >= self.teacher.error_rate:
+            return respond(scratchpad(a, op, b), spell(result))
+        mistake = rng.choices(["slip", "format", "ramble"], weights=[0.6, 0.2, 0.2])[0]
+        if mistake == "format":
+            good = scratchpad(a, op, b)
+            return rng.choice([f"{good}\n{END_THINK}\n{spell(result)}",  # no <think>
+                               f"{THINK}\n{good}\n{spell(result)}",  # never closed
+                               f"{respond(good, '')}\n{respond('check', spell(result))}"])  # two blocks
+        if mistake == "ramble":
+            check = scratchpad(a, op, b).splitlines()[-1]
+            return respond("\n".join([*lines, *[check] * rng.randint(20, 60)]), spell(result))
+        column = rng.randrange(len(lines))
+        digit = (result // 10 ** column) % 10
+        wrong = result + ((digit + rng.randint(1, 9)) % 10 - digit) * 10 ** column
+        slipped = [*lines[:column], _replace_last_digit(lines[column], (wrong // 10 ** column) % 10),
+                   *lines[column + 1:]]
+        check = scratchpad(a, op, b, result=wrong).splitlines()[-1]
+        if rng.random() < self.teacher.self_correct:
+            redo = scratchpad(a, op, b).splitlines()  # the check must give back a: it does not, so redo
+            return respond("\n".join([*slipped, f"{check} , not {spell(a)}", "wait , redo :", *redo]), spell(result))
+        return respond("\n".join([*slipped, check]), spell(wrong))
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
+        for request in requests:
+            text = self.respond(request.problem, random.Random(request.seed))
+            ids = self.count_tokens(text)
+            if len(ids) > self.max_tokens:  # as a server would: cut at the generation limit
+                yield request, Completion(self.decode(ids[: self.max_tokens]), LENGTH)
+            else:
+                yield request, Completion(text, STOP)
+
+
+def _replace_last_digit(line: str, digit: int) -> str:
+    return f"{line[:-1]}{digit}"

@@ -1,0 +1,59 @@
+"""SFT stage (report §5.1): the model of role `model` fine-tuned with TRL's SFTTrainer on the distilled data of
+role `data` (both forms), written as the standard model artifact (v3flow/training/posttrain.py says what happens
+to the MTP module and the router biases).
+
+    out_dir/run.json, trainer/, trained/, metrics.jsonl, tokenizer/    (v3flow/training/posttrain.py)
+    out_dir/checkpoints/final/, hf/, model.json                        the model artifact
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from v3flow.section import section_hash
+from v3flow.stage import StageResult, chain_lineage
+from v3flow.stages.sft import trainer
+from v3flow.stages.sft.config import SftConfig
+from v3flow.training import launch as training
+from v3flow.training import posttrain
+
+STAGE = "sft"
+
+
+def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
+    source, data = Path(inputs["model"].outputs["model"]), inputs["data"]
+    lineage = chain_lineage(inputs, STAGE, out_dir.name)
+    posttrain.prepare(STAGE, source, out_dir, {"sft": cfg.model_dump(mode="json"), "data": data.outputs["sft"]})
+    started = time.time()
+    training.launch(trainer.__name__, out_dir, cfg.num_processes, "torchrun", prefix=f"[{STAGE}]")
+    wall = time.time() - started
+    final = json.loads((out_dir / "final.json").read_text())
+    steps = posttrain.read_metrics(out_dir)
+    losses = [r["loss"] for r in steps if "loss" in r]
+    posttrain.artifact_from_trained(STAGE, source, out_dir / posttrain.TRAINED_DIR, out_dir, lineage,
+                                    data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
+                                    extra={"trained_with": "trl.SFTTrainer"})
+    metrics = {"train_loss": final["train_loss"], "first_loss": losses[0] if losses else float("nan"),
+               "last_loss": losses[-1] if losses else float("nan"), "steps": final["steps"], "wall_time_s": wall,
+               "tokens_per_epoch": final["tokens"], "tokens_per_s": final["tokens"] * cfg.epochs / wall,
+               "samples": final["samples"], "packed_sequences": final["sequences"]}
+    accuracy = [r["mean_token_accuracy"] for r in steps if "mean_token_accuracy" in r]
+    if accuracy:
+        metrics["last_token_accuracy"] = accuracy[-1]
+    result = StageResult(
+        stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
+        outputs={"model": str(out_dir), "hf": str(out_dir / "hf"), "metrics": str(out_dir / posttrain.METRICS)},
+        metrics=metrics, params={"input_model": str(source)},
+        artifacts=[str(out_dir / posttrain.METRICS), str(out_dir / "model.json")],
+        datasets={"distilled-sft": data.outputs["sft"]})
+    result.report_md = "\n".join([
+        "## SFT (TRL SFTTrainer)", "", "| | |", "|---|---|",
+        f"| samples / packed sequences of {cfg.max_length} | {final['samples']:,} / {final['sequences']:,} |",
+        f"| epochs / steps | {cfg.epochs:g} / {final['steps']} |",
+        f"| learning rate | cosine {cfg.lr:g} -> {cfg.min_lr:g} |",
+        f"| loss first / last logged | {metrics['first_loss']:.4f} / {metrics['last_loss']:.4f} |",
+        f"| wall time, tokens/s | {wall:,.0f} s, {metrics['tokens_per_s']:,.0f} |",
+        "", f"MTP: {posttrain.CARRIED['mtp']}. Router biases: {posttrain.CARRIED['router_biases']}."])
+    return result

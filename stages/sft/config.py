@@ -1,0 +1,42 @@
+"""Config of the SFT stage. Defaults are the report's (§5.1): 2 epochs, cosine learning rate from 5e-6 down to
+1e-6, several samples packed into each sequence and masked from each other; both of the report's forms. The
+report does not give the batch, warmup or optimizer of SFT: pretraining's AdamW settings are used."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from v3flow.section import Section
+
+
+class SftConfig(Section):
+    unhashed: ClassVar[frozenset[str]] = frozenset({"log_steps", "save_steps"})
+    epochs: float = Field(2.0, gt=0, description="Passes over the distilled data (report: 2).")
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate (report: 5e-6).")
+    min_lr: float = Field(1e-6, ge=0, description="The cosine schedule ends here (report: 1e-6).")
+    warmup_steps: int = Field(0, ge=0)
+    batch_sequences: int = Field(64, gt=0, description="Packed sequences per optimizer step, over all processes.")
+    micro_batch: int = Field(1, gt=0, description="Packed sequences per process per forward pass.")
+    num_processes: int = Field(1, gt=0, description="Data-parallel processes (`accelerate launch`).")
+    max_length: int = Field(4096, gt=0, description="Tokens per packed sequence.")
+    packing: bool = Field(True, description="Pack samples into sequences (best-fit decreasing), each sample masked "
+                          "from the others through its own position ids (the report's sample masking).")
+    forms: list[Literal["original", "r1"]] = Field(default_factory=lambda: ["original", "r1"],
+                                                   description="Which of the distilled forms to train on.")
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    save_steps: int = Field(100, gt=0, description="Steps between checkpoints (a killed run resumes from the last).")
+    log_steps: int = Field(10, gt=0)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _batch(self) -> SftConfig:
+        if self.batch_sequences % (self.micro_batch * self.num_processes):
+            raise ValueError(f"posttrain.sft.batch_sequences={self.batch_sequences} must be a multiple of micro_batch x "
+                             f"num_processes = {self.micro_batch} x {self.num_processes}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"posttrain.sft.min_lr={self.min_lr} exceeds lr={self.lr}")
+        return self

@@ -1,0 +1,55 @@
+"""The SFT trainer process: TRL's SFTTrainer on the input model's Hugging Face export.
+
+    python -m v3flow.stages.sft.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+
+Prompt-completion conversations rendered with the tokenizer's chat template (DeepSeek's special tokens), loss on
+the completion only, samples packed best-fit into `max_length` sequences with their own position ids, which
+transformers turns into a block-diagonal causal mask: packed samples never see each other. A killed run
+resumes from its last checkpoint (optimizer, scheduler, RNG and data position included).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(run_dir: Path) -> None:
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from v3flow.stages.sft.config import SftConfig as Recipe
+    from v3flow.training import posttrain
+
+    spec = json.loads((run_dir / "run.json").read_text())
+    cfg = Recipe(**spec["sft"])
+    data = datasets.load_dataset("parquet", data_files=spec["data"], split="train")
+    data = data.filter(lambda row: row["form"] in cfg.forms).select_columns(["prompt", "completion"])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / posttrain.TOKENIZER_DIR)
+    resume = posttrain.last_checkpoint(run_dir)
+    model = posttrain.load_policy(spec["hf_in"], packed=cfg.packing, resume=resume)
+    accumulation = cfg.batch_sequences // (cfg.micro_batch * cfg.num_processes)
+    args = SFTConfig(
+        **posttrain.trainer_args(run_dir, spec, cfg.seed, cfg.save_steps, cfg.log_steps),
+        learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
+        warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=accumulation, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1], max_grad_norm=cfg.grad_clip, max_length=cfg.max_length, packing=cfg.packing,
+        packing_strategy="bfd", completion_only_loss=True)
+    watch = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         callbacks=[posttrain.MetricsLog(run_dir, spec["stage"], watch)])
+    if resume:
+        print(f"[{spec['stage']}] resuming from {resume}", flush=True)
+    out = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(run_dir / posttrain.TRAINED_DIR))
+    final = {"steps": trainer.state.global_step, "train_loss": out.training_loss,
+             "sequences": len(trainer.train_dataset), "samples": len(data),
+             "tokens": int(sum(len(ids) for ids in trainer.train_dataset["input_ids"]))}
+    (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,147 @@
+"""Post-training stages on the micro config: distillation keeps both forms and every rejection with its reason,
+SFT and GRPO write the standard model artifact (MTP and router biases carried over, HF logits parity), packed SFT
+samples never see each other, GRPO logs its curves, the evaluation scores every arm, and a killed SFT or GRPO run
+resumes from its checkpoint to the same numbers as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import MICRO, ROOT
+from v3flow.flows.config import load_config
+from v3flow.flows.pipeline import STAGES, run_offline, wiring
+from v3flow.flows.runner import stage_key
+from v3flow.training import artifact, posttrain
+from v3flow.training import launch as training
+
+
+@pytest.fixture(scope="module")
+def chain(micro_workdir):
+    cfg = load_config(MICRO, [f"workdir={micro_workdir}"])
+    return cfg, run_offline(cfg, ["task_eval"])
+
+
+def test_distillation_keeps_both_forms_and_every_rejection(chain):
+    cfg, res = chain
+    samples = pd.read_parquet(res["distill"].outputs["samples"])
+    d = cfg.posttrain.distill
+    assert len(samples) == d.problems * d.samples_per_problem
+    assert set(samples["reason"]) > {"accepted"} and samples.loc[samples.reason == "accepted", "correct"].all()
+    sft = pd.read_parquet(res["distill"].outputs["sft"])
+    assert set(sft["form"]) == {"original", "r1"}
+    r1 = sft[sft.form == "r1"]
+    assert (r1.groupby("problem_id").size() <= d.keep_per_problem).all()
+    assert all(p[0]["role"] == "system" for p in r1["prompt"]) and all(len(p) == 1 for p in sft[sft.form == "original"]
+                                                                         ["prompt"])
+    metrics = res["distill"].metrics
+    assert metrics["acceptance_rate"] == pytest.approx((samples.reason == "accepted").mean())
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_post_training_writes_the_standard_model_artifact(chain, stage):
+    _, res = chain
+    out, source = Path(res[stage].outputs["model"]), Path(res[STAGES[stage].inputs["model"]].outputs["model"])
+    manifest = artifact.read_manifest(out)
+    assert manifest["stage"] == stage and "unchanged" in manifest["mtp"] and "frozen" in manifest["router_biases"]
+    before, after = artifact.load_state(source), artifact.load_state(out)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mtp.") or k.endswith("gate.bias"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("layers."))  # it trained
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / manifest["hf"], dtype=torch.float32).eval()
+    ours = artifact.load_model(out).eval()
+    tokens = torch.randint(10, 500, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, ours(tokens), atol=1e-4)
+
+
+def test_packed_samples_do_not_see_each_other(chain):
+    """SFT packs samples with their own position ids and no attention mask: transformers builds a block-diagonal
+    causal mask from them, so a packed sample's logits are its logits alone (the report's sample masking). That
+    holds only without a KV cache, which the SFT policy switches off; with one, the second sample sees the first."""
+    _, res = chain
+    a, b = torch.randint(10, 500, (1, 17)), torch.randint(10, 500, (1, 23))
+    packed, positions = torch.cat([a, b], dim=1), torch.cat([torch.arange(17), torch.arange(23)])[None]
+    for is_packed in (True, False):
+        hf = posttrain.load_policy(res["sft"].outputs["hf"], packed=is_packed).eval()
+        with torch.no_grad():
+            together = hf(input_ids=packed, position_ids=positions).logits
+            alone = torch.cat([hf(input_ids=a).logits, hf(input_ids=b).logits], dim=1)
+        assert torch.allclose(together, alone, atol=1e-4) == is_packed
+
+
+def test_grpo_logs_its_curves_and_the_evaluation_scores_every_arm(chain):
+    cfg, res = chain
+    steps = posttrain.read_metrics(Path(res["grpo"].out_dir))
+    assert [r["step"] for r in steps] == list(range(1, cfg.posttrain.grpo.steps + 1))
+    for key in ("reward", "reward_std", "rewards/accuracy_reward/mean", "completions/mean_length",
+                "completions/clipped_ratio", "frac_reward_zero_std", "kl"):
+        assert all(key in r for r in steps), key
+    rows = json.loads(Path(res["task_eval"].outputs["accuracy"]).read_text())
+    assert [r["arm"] for r in rows] == ["base", "sft", "grpo"]
+    assert all({"accuracy", "accuracy_stderr", "pass_at_1", "pass_at_2"} <= set(r) for r in rows)
+    samples = json.loads(Path(res["task_eval"].tables["samples.json"]).read_text())
+    assert len(samples) == 3 * cfg.posttrain.eval.problems
+
+
+def _out_dir(cfg, stage: str) -> Path:
+    results, wires = {}, wiring(cfg)
+    for name in STAGES:
+        results[name] = None
+        if name == stage:
+            inputs = {role: run_offline(cfg, [up])[up] for role, up in wires[name].items()}
+            return cfg.workdir_path() / stage / stage_key(STAGES[stage], cfg, inputs)
+    raise KeyError(stage)
+
+
+@pytest.mark.parametrize("stage, overrides, keys", [
+    ("sft", ["posttrain.sft.epochs=4"], ("loss", "grad_norm", "mean_token_accuracy")),
+    ("grpo", ["posttrain.grpo.steps=5", "posttrain.grpo.save_steps=2"], ("reward", "completions/mean_length", "loss")),
+])
+def test_a_killed_run_resumes_to_the_same_numbers(chain, tmp_path, capsys, stage, overrides, keys):
+    """SIGKILL after the step-2 checkpoint, then the stage again: it resumes there (optimizer, scheduler, RNG,
+    data position, the precision chosen at the start, and the experts: transformers' own resume misses them)
+    and every later step matches a run that was never interrupted."""
+    cfg = load_config(MICRO, [f"workdir={chain[0].workdir}", *overrides])
+    out_dir = _out_dir(cfg, stage)
+    script = (f"from v3flow.flows.config import load_config\nfrom v3flow.flows.pipeline import run_offline\n"
+              f"if __name__ == '__main__':\n    run_offline(load_config({str(MICRO)!r}, "
+              f"{[f'workdir={cfg.workdir}', *overrides]!r}), [{stage!r}])\n")
+    (tmp_path / "run.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out_dir / posttrain.TRAINER_DIR / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file() and not (out_dir / "result.json").exists()
+    reference = tmp_path / "reference"  # the same run, never interrupted
+    reference.mkdir()
+    for name in ("run.json", posttrain.TOKENIZER_DIR):
+        copy = shutil.copytree if (out_dir / name).is_dir() else shutil.copy
+        copy(out_dir / name, reference / name)
+    training.launch(f"v3flow.stages.{stage}.trainer", reference)
+    capsys.readouterr()
+    run_offline(cfg, [stage])
+    assert f"[{stage}] resuming from {out_dir / posttrain.TRAINER_DIR / 'checkpoint-2'}" in capsys.readouterr().out
+    resumed, uninterrupted = posttrain.read_metrics(out_dir), posttrain.read_metrics(reference)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    final = {k: v for k, v in load_file(str(out_dir / "checkpoints" / "final" / "model.safetensors")).items()}
+    assert final  # the resumed run wrote its model artifact

@@ -1,0 +1,95 @@
+"""Held-out task accuracy of a model: greedy decoding, and pass@k from n seeded samples per problem (R1's
+evaluation samples at temperature 0.6, top-p 0.95 and averages; greedy is the deterministic number).
+
+Decoding is ours (v3flow/model/generate.py, the latent KV cache) on the standard model artifact, so every model
+of the chain is scored by the same code. Prompts of one length are decoded together (no padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from v3flow.model.generate import sample
+from v3flow.model.transformer import Transformer
+from v3flow.tasks.base import Problem, Task
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, arXiv 2107.03374)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score(model: Transformer, tokenizer, task: Task, problems: list[Problem], samples: int, temperature: float,
+          top_p: float, max_new_tokens: int, seed: int, batch_size: int = 64) -> list[dict]:
+    """One record per problem: the greedy response and its verdict, and how many of `samples` sampled responses
+    are correct."""
+    model.eval()
+    eos = tokenizer.eos_token_id
+    prompts = {p.id: tokenizer.apply_chat_template(task.prompt(p, "r1"), add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"] for p in problems}
+    by_length: dict[int, list[Problem]] = defaultdict(list)
+    for p in problems:
+        by_length[len(prompts[p.id])].append(p)
+    records = {}
+    generator = torch.Generator().manual_seed(seed)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for i in range(0, len(group), batch_size):
+            batch = group[i : i + batch_size]
+            ids = torch.tensor([prompts[p.id] for p in batch])
+            greedy = _responses(sample(model, ids, max_new_tokens, eos_id=eos), length, eos, tokenizer)
+            for p, (text, finished, n_tokens) in zip(batch, greedy, strict=True):
+                verdict = task.judge(text, p.answer)
+                records[p.id] = {"id": p.id, "group": p.group, "question": p.question, "gold": p.answer,
+                                 "response": text, "correct": verdict.correct, "reason": verdict.reason,
+                                 "format_ok": verdict.format_ok, "finished": finished, "tokens": n_tokens,
+                                 "samples": samples, "samples_correct": 0}
+            if samples:
+                per_row = max(1, batch_size // samples)
+                for j in range(0, len(batch), per_row):
+                    chunk = batch[j : j + per_row]
+                    rows = ids[j : j + len(chunk)].repeat_interleave(samples, dim=0)
+                    out = sample(model, rows, max_new_tokens, temperature, top_p, eos, generator)
+                    for r, (text, _, _) in enumerate(_responses(out, length, eos, tokenizer)):
+                        p = chunk[r // samples]
+                        records[p.id]["samples_correct"] += int(task.judge(text, p.answer).correct)
+    return [records[p.id] for p in problems]
+
+
+def _responses(out: torch.Tensor, prompt_len: int, eos: int, tokenizer) -> list[tuple[str, bool, int]]:
+    result = []
+    for row in out[:, prompt_len:].tolist():
+        finished = eos in row
+        row = row[: row.index(eos)] if finished else row
+        result.append((tokenizer.decode(row, skip_special_tokens=False), finished, len(row)))
+    return result
+
+
+def summary(records: list[dict], ks: list[int]) -> dict[str, float]:
+    """Greedy accuracy with its standard error, pass@k (averaged over problems), format and truncation shares,
+    mean response length, and greedy accuracy per group."""
+    n = len(records)
+    acc = sum(r["correct"] for r in records) / n
+    out = {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / n), "problems": n,
+           "format_ok": sum(r["format_ok"] for r in records) / n,
+           "truncated": sum(not r["finished"] for r in records) / n,
+           "mean_tokens": sum(r["tokens"] for r in records) / n}
+    for k in ks:
+        values = [pass_at_k(r["samples"], r["samples_correct"], k) for r in records if r["samples"] >= k]
+        if values:
+            mean = sum(values) / len(values)
+            out[f"pass_at_{k}"] = mean  # (MLflow metric names cannot hold '@')
+            spread = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+            out[f"pass_at_{k}_stderr"] = math.sqrt(spread / len(values))
+    groups = defaultdict(list)
+    for r in records:
+        groups[r["group"]].append(r["correct"])
+    for g, values in sorted(groups.items()):
+        if g:
+            out[f"accuracy.{g.replace(' ', '_')}"] = sum(values) / len(values)
+    return out
