@@ -5,6 +5,7 @@ from it, evaluation scores with it: one place knows a task.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,21 +33,21 @@ class Verdict:
     reason: str  # CORRECT, WRONG, UNPARSED or the format error (v3flow.tasks.reasoning)
 
 
-class Task:
+class Task(ABC):
     """Subclasses set `name` and `system_prompt` and implement `problems`, `extract` and `equal`."""
 
     name: str
     system_prompt: str  # asks for R1-style reasoning: the system prompt of the report's R1 form
 
-    def problems(self, split: Split) -> list[Problem]:
-        raise NotImplementedError
+    @abstractmethod
+    def problems(self, split: Split) -> list[Problem]: ...
 
+    @abstractmethod
     def extract(self, answer: str) -> str | None:
         """The final answer in the part after `</think>`, normalised; None when there is none or several."""
-        raise NotImplementedError
 
-    def equal(self, predicted: str, gold: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def equal(self, predicted: str, gold: str) -> bool: ...
 
     def judge(self, response: str, gold: str) -> Verdict:
         parsed = parse(response)

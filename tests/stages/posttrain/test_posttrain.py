@@ -97,13 +97,8 @@ def test_grpo_logs_its_curves_and_the_evaluation_scores_every_arm(chain):
 
 
 def _out_dir(cfg, stage: str) -> Path:
-    results, wires = {}, wiring(cfg)
-    for name in STAGES:
-        results[name] = None
-        if name == stage:
-            inputs = {role: run_offline(cfg, [up])[up] for role, up in wires[name].items()}
-            return cfg.workdir_path() / stage / stage_key(STAGES[stage], cfg, inputs)
-    raise KeyError(stage)
+    inputs = {role: run_offline(cfg, [up])[up] for role, up in wiring(cfg)[stage].items()}
+    return cfg.workdir_path() / stage / stage_key(STAGES[stage], cfg, inputs)
 
 
 @pytest.mark.parametrize("stage, overrides, keys", [
