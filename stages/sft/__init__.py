@@ -8,33 +8,25 @@ to the MTP module and the router biases).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from v3flow.section import section_hash
-from v3flow.stage import StageResult, chain_lineage
+from v3flow.stage import StageResult
 from v3flow.stages.sft import trainer
 from v3flow.stages.sft.config import SftConfig
-from v3flow.training import launch as training
 from v3flow.training import posttrain
 
 STAGE = "sft"
 
 
 def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
-    source, data = Path(inputs["model"].outputs["model"]), inputs["data"]
-    lineage = chain_lineage(inputs, STAGE, out_dir.name)
-    posttrain.prepare(STAGE, source, out_dir, {"sft": cfg.model_dump(mode="json"), "data": data.outputs["sft"]})
-    started = time.time()
-    training.launch(trainer.__name__, out_dir, cfg.num_processes, "torchrun", prefix=f"[{STAGE}]")
-    wall = time.time() - started
-    final = json.loads((out_dir / "final.json").read_text())
+    data = inputs["data"]
+    final, wall, result = posttrain.train(
+        STAGE, trainer.__name__, inputs, out_dir, {"sft": cfg.model_dump(mode="json"), "data": data.outputs["sft"]},
+        cfg.num_processes, data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
+        extra={"trained_with": "trl.SFTTrainer"})
     steps = posttrain.read_metrics(out_dir)
     losses = [r["loss"] for r in steps if "loss" in r]
-    posttrain.artifact_from_trained(STAGE, source, out_dir / posttrain.TRAINED_DIR, out_dir, lineage,
-                                    data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
-                                    extra={"trained_with": "trl.SFTTrainer"})
     metrics = {"train_loss": final["train_loss"], "first_loss": losses[0] if losses else float("nan"),
                "last_loss": losses[-1] if losses else float("nan"), "steps": final["steps"], "wall_time_s": wall,
                "tokens_per_epoch": final["tokens"], "tokens_per_s": final["tokens"] * cfg.epochs / wall,
@@ -42,12 +34,7 @@ def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=P
     accuracy = [r["mean_token_accuracy"] for r in steps if "mean_token_accuracy" in r]
     if accuracy:
         metrics["last_token_accuracy"] = accuracy[-1]
-    result = StageResult(
-        stage=STAGE, key=out_dir.name, out_dir=str(out_dir),
-        outputs={"model": str(out_dir), "hf": str(out_dir / "hf"), "metrics": str(out_dir / posttrain.METRICS)},
-        metrics=metrics, params={"input_model": str(source)},
-        artifacts=[str(out_dir / posttrain.METRICS), str(out_dir / "model.json")],
-        datasets={"distilled-sft": data.outputs["sft"]})
+    result.metrics, result.datasets = metrics, {"distilled-sft": data.outputs["sft"]}
     result.report_md = "\n".join([
         "## SFT (TRL SFTTrainer)", "", "| | |", "|---|---|",
         f"| samples / packed sequences of {cfg.max_length} | {final['samples']:,} / {final['sequences']:,} |",
@@ -55,5 +42,5 @@ def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=P
         f"| learning rate | cosine {cfg.lr:g} -> {cfg.min_lr:g} |",
         f"| loss first / last logged | {metrics['first_loss']:.4f} / {metrics['last_loss']:.4f} |",
         f"| wall time, tokens/s | {wall:,.0f} s, {metrics['tokens_per_s']:,.0f} |",
-        "", f"MTP: {posttrain.CARRIED['mtp']}. Router biases: {posttrain.CARRIED['router_biases']}."])
+        "", posttrain.CARRIED_NOTE])
     return result

@@ -31,7 +31,9 @@ from transformers import TrainerCallback
 
 from v3flow.model.hf_format import export_hf, from_hf_state_dict
 from v3flow.model.transformer import Transformer
+from v3flow.stage import StageResult, chain_lineage
 from v3flow.training import artifact, precision
+from v3flow.training import launch as training
 
 TRAINER_DIR, TRAINED_DIR, TOKENIZER_DIR, METRICS = "trainer", "trained", "tokenizer", "metrics.jsonl"
 CARRIED = {"mtp": "carried over unchanged from the input model (transformers' DeepseekV3ForCausalLM has no MTP "
@@ -90,14 +92,16 @@ class MetricsLog(TrainerCallback):
         self.path, self.stage, self.watch = out_dir / METRICS, stage, watch
         self.uri, self.run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID") or None
         self.started = time.time()
+        self.logged = {r["step"] for r in read_metrics(out_dir)}  # a resumed run logs its checkpoint step again
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         numbers = {k: float(v) for k, v in logs.items() if isinstance(v, int | float) and math.isfinite(v)}
         record = {"step": state.global_step, "elapsed_s": round(time.time() - self.started, 1), **numbers}
-        if state.global_step in {r["step"] for r in read_metrics(self.path.parent)}:
-            return  # a resumed run logs its checkpoint step again
+        if state.global_step in self.logged:
+            return
+        self.logged.add(state.global_step)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shown = "  ".join(f"{k} {numbers[k]:.4g}" for k in self.watch if k in numbers)
@@ -150,3 +154,24 @@ def artifact_from_trained(stage: str, source: Path, trained: Path, out_dir: Path
     artifact.write_manifest(out_dir, stage, cfg, lineage, data, checkpoint=checkpoints, hf=hf_dir,
                             extra={"init_from": str(source), **CARRIED, **extra})
     return hf_dir
+
+
+def train(stage: str, trainer_module: str, inputs: dict, out_dir: Path, spec: dict, num_processes: int,
+          data: dict, extra: dict):
+    """What every TRL stage does: write the spec, run the trainer process on the model of role `model`, write the
+    standard model artifact. Returns the trainer's final.json, its wall time and a StageResult to complete."""
+    source = Path(inputs["model"].outputs["model"])
+    prepare(stage, source, out_dir, spec)
+    started = time.time()
+    training.launch(trainer_module, out_dir, num_processes, "torchrun", prefix=f"[{stage}]")
+    wall = time.time() - started
+    artifact_from_trained(stage, source, out_dir / TRAINED_DIR, out_dir, chain_lineage(inputs, stage, out_dir.name),
+                          data, extra)
+    result = StageResult(
+        stage=stage, key=out_dir.name, out_dir=str(out_dir),
+        outputs={"model": str(out_dir), "hf": str(out_dir / "hf"), "metrics": str(out_dir / METRICS)},
+        params={"input_model": str(source)}, artifacts=[str(out_dir / METRICS), str(out_dir / artifact.MODEL_FILE)])
+    return json.loads((out_dir / "final.json").read_text()), wall, result
+
+
+CARRIED_NOTE = f"MTP: {CARRIED['mtp']}. Router biases: {CARRIED['router_biases']}."
