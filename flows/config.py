@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from v3flow.config import Section, load
+from v3flow.config import Section, deep_merge, load
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.stages.data.config import DataConfig, expand_sources
@@ -91,6 +91,15 @@ class PipelineConfig(Section):
                              f"length data.packing.seq_len={L}")
         return self
 
+    @model_validator(mode="after")
+    def _pretraining_never_sees_held_out_problems(self) -> PipelineConfig:
+        task = self.posttrain.task
+        for i, src in enumerate(self.data.sources):
+            if src.task is not None and src.task.model_copy(update={"train_size": task.train_size}) != task:
+                raise ValueError(f"data.sources.{i}.task ({src.name}) differs from posttrain.task in more than "
+                                 "train_size: its documents could hold the held-out problems of the evaluation")
+        return self
+
     def workdir_path(self) -> Path:
         path = Path(self.workdir)
         return path if path.is_absolute() else Path(self.project_root or ".") / path
@@ -103,6 +112,11 @@ class PipelineConfig(Section):
 def _expand(raw: dict, root: Path, path: Path) -> None:
     if isinstance(raw.get("data"), dict):
         expand_sources(raw["data"], root, path)
+        posttrain = raw.get("posttrain") if isinstance(raw.get("posttrain"), dict) else {}
+        task = posttrain.get("task") if isinstance(posttrain.get("task"), dict) else {"name": "arithmetic"}
+        for source in raw["data"].get("sources") or []:
+            if isinstance(source, dict) and source.get("kind") == "task":  # posttrain.task, a train_size of its own
+                source["task"] = deep_merge(task, source.get("task") or {})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, require_set: bool = True) -> PipelineConfig:

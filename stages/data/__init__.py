@@ -23,6 +23,7 @@ Layout of the output folder:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,25 @@ class _Timer:
         print(f"[data] {name} done in {self.seconds[name]:.1f}s", flush=True)
 
 
+def _read_filter(sources: list, cfg: DataConfig, out_dir: Path, work: Path, prefix: str, resolve) -> list:
+    """Read (quarantining), normalise, filter; kept documents to work/clean, or work/undeduped with `prefix`."""
+    pipeline = []
+    for src in sources:
+        root = readers.source_root(src, resolve)
+        paths_file = None
+        if src.kind not in ("hf_dataset", "task"):
+            paths_file = work / "paths" / f"{src.name}.txt"
+            paths_file.parent.mkdir(parents=True, exist_ok=True)
+            paths_file.write_text("\n".join(readers.list_source_files(src, root)) + "\n")
+        pipeline.append(readers.make_reader(src, root, paths_file, str(out_dir / "quarantine"),
+                                            cfg.filters.max_chars))
+    return pipeline + [
+        Normalizer(cfg.normalize),
+        QualityFilter(cfg.filters, exclusion_writer=steps.jsonl_writer(out_dir / "filtered", prefix)),
+        steps.jsonl_writer(work / ("undeduped" if prefix else "clean"), prefix),
+    ]
+
+
 def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path) -> StageResult:
     """Run the data stage into `out_dir` (it has no upstream `inputs`); `resolve` makes config paths absolute."""
     out_dir = Path(out_dir)
@@ -66,41 +86,36 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
     tasks, ex = cfg.executor.tasks, cfg.executor
     timer, stats = _Timer(), {}
 
+    # Sources with near_dedup off (synthetic, unique by construction) are read apart and skip both dedups.
+    groups = {"read_filter": [s for s in cfg.sources if s.near_dedup],
+              "read_filter_undeduped": [s for s in cfg.sources if not s.near_dedup]}
     with timer("read_filter"):
-        pipeline = []
-        for src in cfg.sources:
-            root = readers.source_root(src, resolve)
-            paths_file = None
-            if src.kind != "hf_dataset":
-                paths_file = work / "paths" / f"{src.name}.txt"
-                paths_file.parent.mkdir(parents=True, exist_ok=True)
-                paths_file.write_text("\n".join(readers.list_source_files(src, root)) + "\n")
-            pipeline.append(readers.make_reader(src, root, paths_file, str(out_dir / "quarantine"),
-                                                cfg.filters.max_chars))
-        pipeline += [
-            Normalizer(cfg.normalize),
-            QualityFilter(cfg.filters, exclusion_writer=steps.jsonl_writer(out_dir / "filtered")),
-            steps.jsonl_writer(work / "clean"),
-        ]
-        stats["read_filter"] = steps.run_pipeline("read_filter", pipeline, tasks, ex, logs)
-    current = work / "clean"
-    if not any(current.glob("*.jsonl.gz")):
+        for name, sources in groups.items():
+            if sources:
+                prefix = "" if name == "read_filter" else "undeduped_"
+                pipe = _read_filter(sources, cfg, out_dir, work, prefix, resolve)
+                stats[name] = steps.run_pipeline(name, pipe, tasks, ex, logs)
+    current, undeduped = work / "clean", sorted((work / "undeduped").glob("*.jsonl.gz"))  # (named undeduped_*)
+    if not any(current.glob("*.jsonl.gz")) and not undeduped:
         raise DataError(f"no document passed the quality filters: see {out_dir / 'quarantine'} and "
                         f"{out_dir / 'filtered'} for why (config keys data.filters.*)")
 
-    if cfg.exact_dedup:
+    if cfg.exact_dedup and groups["read_filter"]:
         with timer("exact_dedup"):
             for name, pipe, n in steps.exact_dedup_pipelines(current, work / "exact", work / "exact_kept",
                                                              out_dir / "removed_exact"):
                 stats[name] = steps.run_pipeline(name, pipe, n or tasks, ex, logs)
         current = work / "exact_kept"
 
-    if cfg.minhash.enabled:
+    if cfg.minhash.enabled and groups["read_filter"]:
         with timer("minhash_dedup"):
             for name, pipe, n in steps.minhash_pipelines(cfg.minhash, current, work / "minhash",
                                                          work / "deduped", out_dir / "removed_near"):
                 stats[name] = steps.run_pipeline(name, pipe, n or tasks, ex, logs)
         current = work / "deduped"
+    current.mkdir(parents=True, exist_ok=True)
+    for path in undeduped:  # joined after dedup, under names datatrove's writers do not use
+        shutil.copyfile(path, current / path.name)
 
     with timer("train_tokenizer"):
         texts = (doc.text for doc in readers.read_documents(current))

@@ -15,15 +15,17 @@ from pydantic import Field, model_validator
 from v3flow.config import deep_merge, read_yaml
 from v3flow.errors import ConfigError
 from v3flow.section import Section
+from v3flow.tasks import TaskConfig
 
 
 class SourceConfig(Section):
     """One corpus source. `dataset: NAME` pulls the rest of the fields from data/datasets/NAME.yaml."""
 
     name: str = Field(description="Short name, used in document ids and per-source statistics.")
-    kind: Literal["stdlib", "jsonl", "parquet", "text", "hf_dataset"] = Field(
+    kind: Literal["stdlib", "jsonl", "parquet", "text", "hf_dataset", "task"] = Field(
         description="stdlib: this Python's standard library sources (a real corpus on every machine); "
-        "jsonl / parquet / text: a local file or folder; hf_dataset: a `datasets` folder saved with save_to_disk."
+        "jsonl / parquet / text: a local file or folder; hf_dataset: a `datasets` folder saved with save_to_disk; "
+        "task: worked solutions of the post-training task's training split (never its held-out problems)."
     )
     path: str | None = Field(None, description="File or folder; not used by `stdlib`.")
     glob: str | None = Field(None, description="Glob pattern of files inside `path` (default by kind).")
@@ -39,11 +41,20 @@ class SourceConfig(Section):
         1.0, gt=0, description="Sampling weight in the training mix: 2.0 uses each document twice, 0.5 half of "
         "them (seeded, per document). Validation keeps the natural distribution."
     )
+    near_dedup: bool = Field(True, description="False: the source skips exact and MinHash dedup (synthetic "
+                             "documents, unique by construction, whose shared vocabulary MinHash would cluster: "
+                             "datatrove's MinHash also folds every digit to 0).")
+    task: TaskConfig | None = Field(None, description="kind task: the task whose training problems are rendered; "
+                                    "filled from posttrain.task, which it must match (else held-out problems could "
+                                    "leak into pretraining).")
+    per_document: int = Field(10, gt=0, description="kind task: worked problems per document.")
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceConfig:
-        if self.kind != "stdlib" and not self.path:
+        if self.kind not in ("stdlib", "task") and not self.path:
             raise ValueError(f"source '{self.name}' of kind {self.kind} needs a `path`")
+        if self.kind == "task" and self.task is None:
+            raise ValueError(f"source '{self.name}' of kind task needs a `task` (filled from posttrain.task)")
         return self
 
 

@@ -18,12 +18,13 @@ from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
-from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.pipeline.readers.base import BaseDiskReader, BaseReader
 from datatrove.pipeline.readers.huggingface import HuggingFaceDatasetReader
 from datatrove.pipeline.readers.parquet import ParquetReader
 
 from v3flow.errors import DataError
 from v3flow.stages.data.config import SourceConfig
+from v3flow.tasks import build as build_task
 
 DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet",
                  "hf_dataset": "**/*"}
@@ -156,13 +157,46 @@ class HFDatasetSourceReader(_QuarantiningMixin, HuggingFaceDatasetReader):
     name = "📄 datasets (quarantining)"
 
 
+class TaskReader(BaseReader):
+    """Worked solutions of a post-training task's training split, `per_document` problems to a document, in the
+    task's own words (question, then its solution: the report's "original response"). The held-out split is
+    never rendered: a task draws it first and keeps it apart (v3flow/tasks). Documents go to tasks by index."""
+
+    name = "🧮 task (worked problems)"
+
+    def __init__(self, src: SourceConfig, root: Path):
+        super().__init__(limit=src.max_documents or -1)
+        self.source, self.settings, self.per_document, self.root = src.name, src.task, src.per_document, root
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        problems = build_task(self.settings, self.root.joinpath).problems("train")
+        starts = range(0, len(problems), self.per_document)
+        starts = starts if self.limit == -1 else starts[: self.limit]
+        for n, start in enumerate(starts):
+            if n % world_size != rank:
+                continue
+            batch = problems[start: start + self.per_document]
+            doc = Document(text="\n\n".join(f"{p.question}\n{p.solution}" for p in batch),
+                           id=f"{self.source}/{batch[0].id}", metadata={"source": self.source})
+            self.update_doc_stats(doc)
+            yield doc
+
+
 # --------------------------------------------------------------------------------------------- building
 def source_root(src: SourceConfig, resolve) -> Path:
+    if src.kind == "task":  # the project: a task's files are named relative to it
+        return resolve(".")
     return Path(sysconfig.get_paths()["stdlib"]) if src.kind == "stdlib" else resolve(src.path)
 
 
 def list_source_files(src: SourceConfig, root: Path) -> list[str]:
-    """Files of a folder source, relative to its root, filtered by glob / include / exclude, sorted."""
+    """Files of a folder source, relative to its root, filtered by glob / include / exclude, sorted (for a task:
+    its local data files, none for a generated one)."""
+    if src.kind == "task":
+        name = getattr(src.task, "train", "")
+        return [name] if name and not name.startswith("hub:") else []
     if root.is_file():
         return [root.name]
     if not root.is_dir():
@@ -186,6 +220,8 @@ def make_reader(src: SourceConfig, root: Path, paths_file: Path | None, quaranti
     """A datatrove reader for one source. Folder sources read the file list written to `paths_file`."""
     quarantine = Quarantine(quarantine_dir, src.name, max_chars)
     limit = src.max_documents or -1
+    if src.kind == "task":
+        return TaskReader(src, root)
     if src.kind == "hf_dataset":
         reader = HFDatasetSourceReader(
             str(root), load_from_disk=True, text_key=src.text_key, id_key=src.id_key, limit=limit

@@ -20,7 +20,7 @@ def _step(stats: list[dict], kind: str) -> dict:
 
 def metrics(stats: dict[str, list[dict]], tokens: dict, seconds: dict[str, float], cfg: DataConfig) -> dict[str, float]:
     m: dict[str, float] = {}
-    read = stats["read_filter"]
+    read = stats.get("read_filter", []) + stats.get("read_filter_undeduped", [])
     readers = [s for s in read if "READER" in s["_name"]]
     m["docs_read"] = sum(s.get("documents", 0) for s in readers)
     m["input_bytes"] = sum(s.get("doc_len", 0) for s in readers)  # characters of accepted text
@@ -29,20 +29,25 @@ def metrics(stats: dict[str, list[dict]], tokens: dict, seconds: dict[str, float
             if k.startswith("quarantined_"):
                 m[k] = m.get(k, 0) + v
     m["quarantined"] = sum(v for k, v in m.items() if k.startswith("quarantined_"))
-    quality = _step(read, "quality")
-    m["filtered"] = quality.get("dropped", 0)
-    for k, v in quality.items():
-        if k.startswith("dropped_"):
-            m[f"filtered_{k.removeprefix('dropped_')}"] = v
-    m["docs_after_filters"] = quality.get("forwarded", 0)
+    m["filtered"] = m["docs_after_filters"] = 0
+    for quality in (_step(stats.get(name, []), "quality") for name in ("read_filter", "read_filter_undeduped")):
+        m["filtered"] += quality.get("dropped", 0)
+        m["docs_after_filters"] += quality.get("forwarded", 0)
+        for k, v in quality.items():
+            if k.startswith("dropped_"):
+                key = f"filtered_{k.removeprefix('dropped_')}"
+                m[key] = m.get(key, 0) + v
+    undeduped = _step(stats.get("read_filter_undeduped", []), "quality").get("forwarded", 0)
+    if undeduped:
+        m["docs_not_deduplicated"] = undeduped  # sources with near_dedup off
     if "exact_3_filter" in stats:
         f = _step(stats["exact_3_filter"], "exact-deduplication")
         m["exact_duplicates_removed"] = f.get("dropped", 0)
-        m["docs_after_exact_dedup"] = f.get("forwarded", 0)
+        m["docs_after_exact_dedup"] = f.get("forwarded", 0) + undeduped
     if "minhash_4_filter" in stats:
         f = _step(stats["minhash_4_filter"], "MinHash")
         m["near_duplicates_removed"] = f.get("dropped", 0)
-        m["docs_after_near_dedup"] = f.get("forwarded", 0)
+        m["docs_after_near_dedup"] = f.get("forwarded", 0) + undeduped
         m["minhash_threshold"] = cfg.minhash.threshold
     for split, info in tokens["splits"].items():
         m[f"{split}_documents"] = info["documents"]

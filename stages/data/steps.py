@@ -93,8 +93,8 @@ def read_stats(logging_dir: Path) -> list[dict]:
     return out
 
 
-def jsonl_writer(folder: Path) -> JsonlWriter:
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz")
+def jsonl_writer(folder: Path, prefix: str = "") -> JsonlWriter:
+    return JsonlWriter(str(folder), output_filename=prefix + "${rank}.jsonl.gz")
 
 
 def jsonl_reader(folder: Path) -> JsonlReader:

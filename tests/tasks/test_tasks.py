@@ -65,3 +65,7 @@ def test_gsm8k_reads_the_shipped_files_and_names_a_bad_record(tmp_path):
 def test_too_many_problems_for_the_digits_is_a_config_error():
     with pytest.raises(ValueError, match="train_size=500: too many distinct problems"):
         build(ArithmeticSettings(min_digits=1, max_digits=1, train_size=500)).problems("train")
+    # room in principle, but the held-out split (drawn first) took most of the 1-digit problems
+    with pytest.raises(ValueError, match="train_size=90: only .* left outside the 500 held-out ones"):
+        build(ArithmeticSettings(min_digits=1, max_digits=1, test_extra_digits=1, train_size=90,
+                                 test_size=500)).problems("train")

@@ -14,6 +14,9 @@ pre-tokenizer would group up to three digits into one token). A problem and its 
     </think>
     6 3 2
 
+The task's own solution (the report's "original response", and the pretraining corpus's worked problems:
+data/datasets/arithmetic.yaml) is the same scratchpad without the tags, ending `answer : 6 3 2`.
+
 Subtraction keeps a >= b (no negative results); a column that borrows writes its minuend with the borrowed 1
 in front (`1 4 - 8 = 6`) and the next column subtracts it (`3 - 2 - 1 = 0`). Problems are deterministic from
 the seed. Train operands have `min_digits`..`max_digits` digits; the held-out split has the same lengths plus
@@ -120,10 +123,17 @@ class Arithmetic(Task):
         if s.train_size > capacity // 2:
             raise ValueError(f"posttrain.task.train_size={s.train_size}: too many distinct problems for "
                              f"{s.min_digits}..{s.max_digits}-digit operands; raise max_digits")
+        misses = 0
         while len(train) < s.train_size:
             key = self._draw(rng, rng.randint(s.min_digits, s.max_digits))
-            if key not in test:
-                train.setdefault(key, self._problem(key, f"train-{len(train)}"))
+            if key in test or key in train:
+                misses += 1
+                if misses > 100 * s.train_size:  # the held-out split took most of the small operands
+                    raise ValueError(f"posttrain.task.train_size={s.train_size}: only {len(train)} distinct "
+                                     f"{s.min_digits}..{s.max_digits}-digit problems are left outside the "
+                                     f"{s.test_size} held-out ones; lower train_size or test_size, or raise max_digits")
+                continue
+            train[key] = self._problem(key, f"train-{len(train)}")
         return {"train": list(train.values()), "test": list(test.values())}
 
     def _draw(self, rng: random.Random, digits: int) -> tuple[int, str, int]:
@@ -141,7 +151,7 @@ class Arithmetic(Task):
         a, op, b = key
         result = a + b if op == "+" else a - b
         return Problem(id=pid, question=f"What is {spell(a)} {op} {spell(b)} ?", answer=spell(result),
-                       solution=spell(result), group=f"{len(str(a))} digits")
+                       solution=f"{scratchpad(a, op, b)}\nanswer : {spell(result)}", group=f"{len(str(a))} digits")
 
     @staticmethod
     def operands(problem: Problem) -> tuple[int, str, int]:
