@@ -181,6 +181,7 @@ class TaskReader(BaseReader):
             doc = Document(text="\n\n".join(f"{p.question}\n{p.solution}" for p in batch),
                            id=f"{self.source}/{batch[0].id}", metadata={"source": self.source})
             self.update_doc_stats(doc)
+            self.stat_update("documents")
             yield doc
 
 

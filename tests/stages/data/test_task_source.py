@@ -36,7 +36,7 @@ def test_task_source_renders_training_problems_only(tmp_path):
     assert arithmetic.task == cfg.posttrain.task.model_copy(update={"train_size": 80})  # filled from posttrain
 
     m = run(cfg.data, tmp_path / "out", resolve=cfg.resolve).metrics
-    assert m["docs_not_deduplicated"] == 8 and m["exact_duplicates_removed"] == 1
+    assert m["docs_read"] == 31 + 8 and m["docs_not_deduplicated"] == 8 and m["exact_duplicates_removed"] == 1
     assert m["docs_after_near_dedup"] == 30 + 8
     docs = [d for d in read_documents(tmp_path / "out" / "work" / "deduped") if d.metadata["source"] == "arithmetic"]
     task = build(arithmetic.task)
