@@ -86,9 +86,9 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
     tasks, ex = cfg.executor.tasks, cfg.executor
     timer, stats = _Timer(), {}
 
-    # Sources with near_dedup off (synthetic, unique by construction) are read apart and skip both dedups.
-    groups = {"read_filter": [s for s in cfg.sources if s.near_dedup],
-              "read_filter_undeduped": [s for s in cfg.sources if not s.near_dedup]}
+    # Sources with dedup off (synthetic, unique by construction) are read apart and skip both dedups.
+    groups = {"read_filter": [s for s in cfg.sources if s.dedup],
+              "read_filter_undeduped": [s for s in cfg.sources if not s.dedup]}
     with timer("read_filter"):
         for name, sources in groups.items():
             if sources:

@@ -41,7 +41,7 @@ class SourceConfig(Section):
         1.0, gt=0, description="Sampling weight in the training mix: 2.0 uses each document twice, 0.5 half of "
         "them (seeded, per document). Validation keeps the natural distribution."
     )
-    near_dedup: bool = Field(True, description="False: the source skips exact and MinHash dedup (synthetic "
+    dedup: bool = Field(True, description="False: the source skips exact and MinHash dedup (synthetic "
                              "documents, unique by construction, whose shared vocabulary MinHash would cluster: "
                              "datatrove's MinHash also folds every digit to 0).")
     task: TaskConfig | None = Field(None, description="kind task: the task whose training problems are rendered; "

@@ -39,7 +39,7 @@ def metrics(stats: dict[str, list[dict]], tokens: dict, seconds: dict[str, float
                 m[key] = m.get(key, 0) + v
     undeduped = _step(stats.get("read_filter_undeduped", []), "quality").get("forwarded", 0)
     if undeduped:
-        m["docs_not_deduplicated"] = undeduped  # sources with near_dedup off
+        m["docs_not_deduplicated"] = undeduped  # sources with dedup off
     if "exact_3_filter" in stats:
         f = _step(stats["exact_3_filter"], "exact-deduplication")
         m["exact_duplicates_removed"] = f.get("dropped", 0)

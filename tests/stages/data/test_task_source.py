@@ -32,7 +32,7 @@ def test_task_source_renders_training_problems_only(tmp_path):
     write_jsonl(tmp_path / "code" / "c.jsonl", code(30))
     cfg = load_config(MICRO, [SOURCES.format(path=tmp_path / "code")])
     arithmetic = cfg.data.sources[1]
-    assert arithmetic.kind == "task" and not arithmetic.near_dedup
+    assert arithmetic.kind == "task" and not arithmetic.dedup
     assert arithmetic.task == cfg.posttrain.task.model_copy(update={"train_size": 80})  # filled from posttrain
 
     m = run(cfg.data, tmp_path / "out", resolve=cfg.resolve).metrics
