@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from v3flow.config import Section, deep_merge, load
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
+from v3flow.registry import RegistryConfig
 from v3flow.stages.data.config import DataConfig, expand_sources
 from v3flow.stages.distill.config import DistillConfig
 from v3flow.stages.extend.config import ExtensionConfig
@@ -31,6 +32,7 @@ __all__ = ["PipelineConfig", "PosttrainConfig", "TrackingConfig", "load_config"]
 class TrackingConfig(Section):
     experiment: str = "v3flow"
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins when set.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 class PosttrainConfig(Section):

@@ -11,16 +11,22 @@ need: those are reused from the cache when unchanged and run otherwise. Run from
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from pydantic import BaseModel, Field
 
-from v3flow import cache, tracking
-from v3flow.errors import ConfigError
+from v3flow import cache, registry, report_card, tracking
+from v3flow.errors import ConfigError, V3flowError
 from v3flow.flows.config import PipelineConfig, load_config
-from v3flow.flows.runner import StageSpec, key_parts, run_stage
+from v3flow.flows.runner import StageSpec, end_status, key_parts, run_stage
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages import data as data_stage
@@ -36,36 +42,51 @@ from v3flow.stages.pretrain.config import PretrainStageConfig
 
 TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
 POSTTRAIN_LIBRARIES = (*TRAINING_LIBRARIES, "trl", "datasets", "tokenizers")
+TRAINING_HEADLINE = ("final_val_loss", "final_val_perplexity", "final_mtp_acceptance_rate", "final_maxvio_mean",
+                     "tokens_per_s", "wall_time_s")
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("data", data_stage, lambda cfg: cfg.data,
-                  libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy")),
-        StageSpec("pack", pack_stage, lambda cfg: cfg.data.packing, inputs={"corpus": "data"}, libraries=("numpy",)),
+                  libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy"),
+                  headline=("docs_read", "quarantined", "docs_after_filters", "docs_after_exact_dedup", "train_documents",
+                            "train_tokens", "throughput_mb_s")),
+        StageSpec("pack", pack_stage, lambda cfg: cfg.data.packing, inputs={"corpus": "data"}, libraries=("numpy",),
+                  headline=("train_tokens", "train_sequences", "packing_efficiency")),
         StageSpec("pretrain", pretrain_stage, lambda c: PretrainStageConfig(model=c.model, pretrain=c.pretrain),
-                  inputs={"data": "pack"}, libraries=TRAINING_LIBRARIES),
+                  inputs={"data": "pack"}, libraries=TRAINING_LIBRARIES, headline=TRAINING_HEADLINE),
         *[spec for phase, start in (("phase1", "pretrain"), ("phase2", "extend_phase1")) for spec in (
             StageSpec(f"pack_{phase}", pack_stage,
                       lambda c, p=phase: extend_stage.packing(c.data.packing, c.extension, p),
-                      inputs={"corpus": "data"}, libraries=("numpy",)),
+                      inputs={"corpus": "data"}, libraries=("numpy",), headline=("train_tokens", "train_long_share_upsampled")),
             StageSpec(f"extend_{phase}", extend_stage,
                       lambda c, p=phase: extend_stage.section(c.model, c.pretrain, c.extension, p),
-                      inputs={"model": start, "data": f"pack_{phase}"}, libraries=TRAINING_LIBRARIES))],
+                      inputs={"model": start, "data": f"pack_{phase}"}, libraries=TRAINING_LIBRARIES,
+                      headline=TRAINING_HEADLINE))],
         StageSpec("long_eval", long_eval_stage, lambda c: long_eval_stage.section(c.data.packing.seq_len, c.extension),
                   inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data",
-                          "short": "pack"}, libraries=(*TRAINING_LIBRARIES, "tokenizers", "matplotlib")),
+                          "short": "pack"}, libraries=(*TRAINING_LIBRARIES, "tokenizers", "matplotlib"),
+                  headline=tuple(f"{arm}.{m}" for arm in ("base", "phase1", "phase2") for m in (
+                      "passkey_exact_match", "passkey_top1", "short_val_loss", "loss.2048-4096"))
+                  + ("short_val_loss_delta",)),
         StageSpec("distill", distill_stage,
                   lambda c: distill_stage.DistillStageConfig(task=c.posttrain.task, distill=c.posttrain.distill),
                   inputs={"model": "extend_phase2"}, libraries=("transformers", "tokenizers", "datasets", "math_verify",
-                                                                "openai", "pyarrow")),
+                                                                "openai", "pyarrow"),
+                  headline=("acceptance_rate", "rate.wrong_answer", "rate.truncated", "problems_kept", "sft_rows")),
         StageSpec("sft", sft_stage, lambda c: c.posttrain.sft, inputs={"model": "extend_phase2", "data": "distill"},
-                  libraries=POSTTRAIN_LIBRARIES),
+                  libraries=POSTTRAIN_LIBRARIES,
+                  headline=("first_loss", "last_loss", "last_token_accuracy", "steps", "tokens_per_s")),
         StageSpec("grpo", grpo_stage, lambda c: grpo_stage.GrpoStageConfig(task=c.posttrain.task, grpo=c.posttrain.grpo),
-                  inputs={"model": "sft"}, libraries=(*POSTTRAIN_LIBRARIES, "math_verify")),
+                  inputs={"model": "sft"}, libraries=(*POSTTRAIN_LIBRARIES, "math_verify"),
+                  headline=tuple(f"{m}_{end}" for m in ("reward", "accuracy", "format", "completion_length", "kl",
+                                                        "zero_std_groups") for end in ("first", "last"))),
         StageSpec("task_eval", task_eval_stage,
                   lambda c: task_eval_stage.TaskEvalStageConfig(task=c.posttrain.task, eval=c.posttrain.eval),
                   inputs={"base": "extend_phase2", "sft": "sft", "grpo": "grpo"},
-                  libraries=(*TRAINING_LIBRARIES, "tokenizers", "math_verify")),
+                  libraries=(*TRAINING_LIBRARIES, "tokenizers", "math_verify"),
+                  headline=("base.accuracy", "sft.accuracy", "grpo.accuracy", "sft.pass_at_4", "grpo.pass_at_4",
+                            "sft.gain_over_base", "grpo.gain_over_sft", "grpo.gain_over_sft_stderr")),
     ]
 }
 
@@ -73,13 +94,24 @@ EXTENSION_STAGES = ("pack_phase1", "extend_phase1", "pack_phase2", "extend_phase
 POSTTRAIN_STAGES = ("distill", "sft", "grpo", "task_eval")
 
 
+StageName = Literal[tuple(STAGES)]  # a dropdown in the Prefect UI's forms
+SHIPPED_CONFIGS = sorted(f"configs/{p.name}" for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+_CONFIG = Field("configs/tiny.yaml", description="Pipeline config YAML, relative to the project folder.",
+                json_schema_extra={"enum": SHIPPED_CONFIGS} if SHIPPED_CONFIGS else None)
+_OVERRIDES = Field(default_factory=list, description="key=value, e.g. data.minhash.bands=20 (checked before the run "
+                   "starts: an unknown key or a bad value fails it at once, naming the key)")
+_FORCE = Field(False, description="Rerun the chosen stages even when their outputs are cached (the stages they need "
+               "are reused when unchanged).")
+
+
 class RunRequest(BaseModel):
     """What to run: a config, overrides, and optionally a subset of stages."""
 
-    config: str = Field("configs/tiny.yaml", description="Pipeline config YAML, relative to the project folder.")
-    overrides: list[str] = Field(default_factory=list, description="key=value, e.g. data.minhash.bands=20")
-    stages: list[str] = Field(default_factory=list, description=f"Stages to run; empty runs all: {list(STAGES)}")
-    force: list[str] = Field(default_factory=list, description="Stages to rerun even when their outputs are cached.")
+    config: str = _CONFIG  # the UI offers the shipped configs; the CLI takes any path
+    overrides: list[str] = _OVERRIDES
+    stages: list[StageName] = Field(default_factory=list, description="Stages to run, with the stages they need; "
+                                    "none chosen runs the whole recipe.")
+    force: bool = _FORCE
 
 
 def wiring(cfg: PipelineConfig | None = None) -> dict[str, dict[str, str]]:
@@ -121,40 +153,108 @@ def plan(stages: list[str], wires: dict[str, dict[str, str]] | None = None) -> l
     return [name for name in STAGES if name in wanted]
 
 
-def execute(request: RunRequest) -> dict[str, dict]:
-    """Validate, then run the planned stages under one MLflow parent run; returns each stage's metrics."""
+def execute(request: RunRequest, entry_point: str = "pipeline") -> dict[str, dict]:
+    """Validate, then run the planned stages under one MLflow parent run; returns each stage's metrics.
+
+    The parent run is what two pipeline runs are compared by in MLflow: the whole config as params, every
+    stage's headline metrics as `<stage>.<metric>`, its key and seconds, and which stages were reused or forced.
+    """
     cfg = load_config(_config_path(request.config), request.overrides)
     wires = wiring(cfg)
     order = plan(request.stages, wires)
-    force = set(request.force)
+    force = set((request.stages or order) if request.force else ())
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
+    source = tracking.source_tags(Path(cfg.project_root or "."), f"v3flow {entry_point} ({cfg.name})")
+    run_name = f"{cfg.name} {flow_run.get_name() or 'run'}"
     tags = {
+        **source,
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "git.commit": tracking.git_commit(Path(cfg.project_root or ".")),
         "v3flow.config_hash": section_hash(cfg),
         "v3flow.config": cfg.name,
         "v3flow.stages": ",".join(order),
+        "v3flow.overrides": " ".join(request.overrides),
+        "v3flow.forced": ",".join(n for n in order if n in force),
+        "mlflow.note.content": _describe(cfg.name, request, order),
     }
-    parent = tracking.start_run(uri, cfg.tracking.experiment, f"pipeline-{cfg.name}", tags,
+    parent = tracking.start_run(uri, cfg.tracking.experiment, run_name, tags,
                                 tracking.flatten(cfg.model_dump(mode="json")))
     tracking.log_text(uri, parent, cfg.model_dump_json(indent=2), "config.json")
     results: dict[str, StageResult] = {}
     cached: set[str] = set()
+    registry_cfg = cfg.tracking.registry
+    model, versions = registry.model_name(registry_cfg, cfg.name), {}
     try:
         for name in order:
             spec = STAGES[name]
             inputs = {role: results[stage] for role, stage in wires[name].items()}
-            state = run_stage(spec, cfg, inputs, name in force, parent, uri, return_state=True)
-            results[name] = state.result()
+            start = time.monotonic()
+            state = run_stage(spec, cfg, inputs, name in force, parent, uri, source, return_state=True)
+            results[name] = result = state.result()
             if state.name == "Cached":
                 cached.add(name)
-    except BaseException:
-        tracking.end_run(uri, parent, "FAILED")
+            headline = {m: result.metrics[m] for m in spec.headline if m in result.metrics}
+            tracking.log_metrics(uri, parent, {**{f"{name}.{m}": v for m, v in headline.items()},
+                                               f"{name}.seconds": time.monotonic() - start})
+            registered = registry_cfg.enabled and "hf" in result.outputs and registry.register(
+                uri, model, name, result, headline, cfg.name)
+            if registered:
+                versions[name] = registered
+        decision = _champion(uri, model, registry_cfg, wires, results, versions) if registry_cfg.enabled else None
+    except BaseException as exc:
+        tracking.end_run(uri, parent, end_status(exc))
         raise
-    tracking.set_tags(uri, parent, {f"v3flow.{n}.key": r.key for n, r in results.items()})
+    tracking.set_tags(uri, parent, {"v3flow.reused": ",".join(n for n in order if n in cached),
+                                    **{f"v3flow.{n}.key": r.key for n, r in results.items()},
+                                    **{f"v3flow.{n}.model_version": f"{model}/{v}" for n, v in versions.items()},
+                                    **({"v3flow.champion": decision} if decision else {})})
     tracking.end_run(uri, parent)
+    _pipeline_artifact(uri, parent)
     return {name: {"key": r.key, "out_dir": r.out_dir, "cached": name in cached,
                    "mlflow_run_id": r.mlflow_run_id, "metrics": r.metrics} for name, r in results.items()}
+
+
+def _champion(uri: str, model: str, cfg: registry.RegistryConfig, wires: dict[str, dict[str, str]],
+              results: dict[str, StageResult], versions: dict[str, str]) -> str | None:
+    """The champion decision on the evaluator's scores of the models it read (None when it did not run)."""
+    evaluation = results.get(cfg.evaluator)
+    if evaluation is None:
+        return None
+    candidates = [registry.Candidate(stage, versions[stage], evaluation.metrics[f"{role}.{cfg.champion_metric}"])
+                  for role, stage in wires[cfg.evaluator].items()
+                  if stage in versions and f"{role}.{cfg.champion_metric}" in evaluation.metrics]
+    return registry.decide_champion(uri, model, candidates, cfg.champion_metric, cfg.greater_is_better,
+                                    f"{cfg.evaluator}:{evaluation.key}")
+
+
+def _describe(config: str, request: RunRequest, order: list[str]) -> str:
+    """The parent run's description (MLflow shows it on the run page)."""
+    flow_run_url = f"{_prefect_ui()}/runs/flow-run/{flow_run.get_id()}" if flow_run.get_id() else None
+    lines = [f"Pipeline run of config **{config}** (`{request.config}`).",
+             f"Overrides: {', '.join(f'`{o}`' for o in request.overrides) or 'none'}.",
+             f"Stages: {', '.join(order)}; forced: {', '.join(request.stages or order) if request.force else 'none'}."]
+    if flow_run_url:
+        lines.append(f"Prefect flow run: [{flow_run.get_name()}]({flow_run_url}).")
+    return "\n\n".join(lines)
+
+
+def _prefect_ui() -> str:
+    """The Prefect UI's address, from the API URL in effect."""
+    from prefect.settings import PREFECT_API_URL
+
+    return (PREFECT_API_URL.value() or "").removesuffix("/api")
+
+
+def _pipeline_artifact(uri: str, parent: str) -> None:
+    """The report card on the parent MLflow run, and the flow run's own Prefect artifacts: the card's tables with
+    links to the MLflow parent run and its HTML page (with the figures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        card = report_card.publish(uri, parent, Path(tmp))
+    link = tracking.run_url(uri, parent)
+    create_markdown_artifact(
+        markdown=f"[MLflow parent run]({link}), with the full report card (report_card.html, figures included) among "
+                 f"its artifacts.\n\n{card.markdown(figures=False)}",
+        key="report-card", description="The pipeline run's report card (tables; figures in MLflow)")
+    create_link_artifact(link=link, link_text="MLflow: pipeline parent run", key="pipeline-mlflow")
 
 
 def run_offline(cfg: PipelineConfig, stages: list[str]) -> dict[str, StageResult]:
@@ -187,54 +287,61 @@ def _config_path(path: str) -> str:
     return str(Path(home) / p) if home else str(p)
 
 
-def _run_name() -> str:
-    request = flow_run.parameters.get("request") or {}
-    config = request.get("config") if isinstance(request, dict) else getattr(request, "config", "")
-    return f"{flow_run.flow_name}-{Path(str(config)).stem or 'default'}"
+def _run(request: RunRequest, entry_point: str):
+    """`execute`, with a v3flow error (bad config, bad data, a failed trainer) as the flow run's Failed state whose
+    message is the one-line cause, logged first, instead of a traceback."""
+    try:
+        return execute(request, entry_point)
+    except V3flowError as err:
+        cause = f"{type(err).__name__}: {err}"
+        get_run_logger().error(cause)
+        return Failed(message=cause, data=err)
 
 
-@flow(name="pipeline", log_prints=True, flow_run_name=_run_name)
+@flow(name="pipeline", log_prints=True)
 def pipeline(request: RunRequest = RunRequest()) -> dict[str, dict]:
     """The whole DeepSeek-V3 recipe, or the chosen stages and what they need."""
-    return execute(request)
+    return _run(request, "pipeline")
 
 
 class StageRequest(BaseModel):
-    """Run one stage (upstream stages are reused from the cache, or run when missing)."""
+    """Run one stage: the stages it needs are reused from the cache when unchanged, and run first otherwise."""
 
-    config: str = Field("configs/tiny.yaml", description="Pipeline config YAML, relative to the project folder.")
-    overrides: list[str] = Field(default_factory=list, description="key=value, e.g. data.minhash.bands=20")
-    force: bool = Field(False, description="Rerun the stage even when its outputs are cached.")
-
-
-def _stage(name: str, request: StageRequest) -> dict[str, dict]:
-    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=[name],
-                              force=[name] if request.force else []))
+    stage: StageName = Field("data", description="The stage to run.")
+    config: str = _CONFIG
+    overrides: list[str] = _OVERRIDES
+    force: bool = _FORCE
 
 
-@flow(name="data", log_prints=True, flow_run_name=_run_name)
-def data(request: StageRequest = StageRequest()) -> dict[str, dict]:
-    """Data preparation: dedup, tokenizer, packed training sequences."""
-    return _stage("data", request)
+class PhaseRequest(BaseModel):
+    """Run a phase of the recipe (its stages, and the stages they need from earlier phases)."""
+
+    config: str = _CONFIG
+    overrides: list[str] = _OVERRIDES
+    force: bool = _FORCE
 
 
-@flow(name="pretrain", log_prints=True, flow_run_name=_run_name)
-def pretrain(request: StageRequest = StageRequest()) -> dict[str, dict]:
-    """Pretraining (data is reused from the cache, or prepared first)."""
-    return _stage("pretrain", request)
+@flow(name="stage", log_prints=True)
+def stage(request: StageRequest = StageRequest()) -> dict[str, dict]:
+    """One stage of the recipe, on the newest outputs of the stages before it."""
+    return _run(RunRequest(config=request.config, overrides=request.overrides, stages=[request.stage],
+                           force=request.force), f"stage {request.stage}")
 
 
-@flow(name="extend", log_prints=True, flow_run_name=_run_name)
-def extend(request: StageRequest = StageRequest()) -> dict[str, dict]:
+def _phase(name: str, stages: tuple[str, ...], request: PhaseRequest) -> dict[str, dict]:
+    return _run(RunRequest(config=request.config, overrides=request.overrides, stages=list(stages),
+                           force=request.force), name)
+
+
+@flow(name="extend", log_prints=True)
+def extend(request: PhaseRequest = PhaseRequest()) -> dict[str, dict]:
     """Context extension: both YaRN phases and the long-context evaluation, from the newest pretrained model
     of the config (reused from the cache, or trained first)."""
-    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=["long_eval"],
-                              force=list(EXTENSION_STAGES) if request.force else []))
+    return _phase("extend", EXTENSION_STAGES, request)
 
 
-@flow(name="posttrain", log_prints=True, flow_run_name=_run_name)
-def posttrain(request: StageRequest = StageRequest()) -> dict[str, dict]:
+@flow(name="posttrain", log_prints=True)
+def posttrain(request: PhaseRequest = PhaseRequest()) -> dict[str, dict]:
     """Post-training: R1-style distillation, SFT, GRPO and the held-out task evaluation, from the newest
     extended model of the config (reused from the cache, or trained first)."""
-    return execute(RunRequest(config=request.config, overrides=request.overrides, stages=["task_eval"],
-                              force=list(POSTTRAIN_STAGES) if request.force else []))
+    return _phase("posttrain", POSTTRAIN_STAGES, request)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.exceptions import ExternalSignal
 from prefect.logging import get_run_logger
 from prefect.states import Completed
 
@@ -40,6 +41,7 @@ class StageSpec:
     section: Callable[[PipelineConfig], Section]
     inputs: dict[str, str] = field(default_factory=dict)  # the default wiring; the config's `inputs` may change it
     libraries: tuple[str, ...] = ()
+    headline: tuple[str, ...] = ()  # the metrics the pipeline's parent run carries as `<stage>.<metric>`
 
 
 def key_parts(spec: StageSpec, cfg: PipelineConfig, upstream: dict[str, str],
@@ -89,35 +91,29 @@ def _transient(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, task_run_name="{spec.name}")
 def run_stage(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
-              parent_run_id: str, uri: str):
+              parent_run_id: str, uri: str, source: dict[str, str]):
     """Run (or reuse) one stage; `inputs` maps each of its roles to the result that fills it."""
     log = get_run_logger()
     parts = key_parts(spec, cfg, {role: r.key for role, r in inputs.items()})
     key = parts.key()
     out_dir = cfg.workdir_path() / spec.name / key
     with cache.exclusive(out_dir, lambda: log.info(f"{spec.name}: another run is writing {out_dir}; waiting")):
-        return _run_locked(spec, cfg, inputs, force, parent_run_id, uri, parts, out_dir)
+        return _run_locked(spec, cfg, inputs, force, parent_run_id, uri, source, parts, out_dir)
 
 
 def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageResult], force: bool,
-                parent_run_id: str, uri: str, parts: cache.KeyParts, out_dir: Path):
+                parent_run_id: str, uri: str, source: dict[str, str], parts: cache.KeyParts, out_dir: Path):
     log, key = get_run_logger(), parts.key()
     cached = None if force else StageResult.load(out_dir)
     section = spec.section(cfg)
     params = {**tracking.flatten(section.model_dump(mode="json")), "stage_key": key,
               **{f"input.{role}": f"{r.stage}:{r.key}" for role, r in inputs.items()}}
-    tags = {"v3flow.stage": spec.name, "v3flow.stage_key": key, "v3flow.cached": str(cached is not None)}
+    tags = {**source, "v3flow.stage": spec.name, "v3flow.stage_key": key, "v3flow.cached": str(cached is not None)}
 
     if cached is not None:
         log.info(f"{spec.name}: inputs unchanged (key {key}), reusing {out_dir}")
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, spec.name,
-                                    {**tags, "v3flow.source_run_id": cached.mlflow_run_id or ""}, params,
-                                    parent_run_id)
-        tracking.log_metrics(uri, run_id, cached.metrics)
-        tracking.end_run(uri, run_id)
-        # link the new child run: the producing run may live on another tracking server
-        _artifacts(spec.name, cached, uri, run_id, note="reused from cache")
-        return Completed(name="Cached", message=f"reused {out_dir}", data=cached)
+        return Completed(name="Cached", message=f"reused {out_dir}",
+                         data=_reuse(spec.name, cached, cfg, uri, tags, params, parent_run_id))
 
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -127,8 +123,8 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
     try:
         with tracking.run_env(run_id, uri):
             result = spec.module.run(section, out_dir, inputs=inputs, resolve=cfg.resolve)
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, end_status(exc))
         raise
     result.key, result.mlflow_run_id = key, run_id
     result.lineage = chain_lineage(inputs, spec.name, key)
@@ -145,6 +141,45 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
     result.save()  # last: result.json marks the folder finished
     _artifacts(spec.name, result, uri, run_id)
     return Completed(data=result)
+
+
+def end_status(exc: BaseException) -> str:
+    """MLflow's status for a run that `exc` ended: KILLED when it was cancelled (Prefect's cancel sends SIGTERM,
+    which Prefect raises as TerminationSignal) or interrupted, FAILED otherwise."""
+    return "KILLED" if isinstance(exc, ExternalSignal | KeyboardInterrupt) else "FAILED"
+
+
+def _reuse(stage: str, cached: StageResult, cfg: PipelineConfig, uri: str, tags: dict[str, str],
+           params: dict[str, str], parent_run_id: str) -> StageResult:
+    """A child run for a stage served from the cache: it carries the producing run's curves (every logged step)
+    and links to that run, where the figures, tables and model files are; Prefect's links open the producing
+    run. A producing run that this tracking server does not hold (a workdir made elsewhere) leaves the final
+    metrics only."""
+    source_id = cached.mlflow_run_id
+    producer = _run_on(uri, source_id)
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, stage, {**tags, "v3flow.source_run_id": source_id or ""},
+                                params, parent_run_id)
+    if producer:
+        tracking.copy_metric_history(uri, source_id, run_id)
+        tracking.set_tags(uri, run_id, {"mlflow.note.content": f"Reused from the cache: the run that produced these "
+                                        f"outputs, with its figures, tables and files, is [{producer.info.run_name} "
+                                        f"({source_id[:8]})]({tracking.run_url(uri, source_id)})."})
+    tracking.log_metrics(uri, run_id, cached.metrics)
+    tracking.end_run(uri, run_id)
+    _artifacts(stage, cached, uri, source_id if producer else run_id, note="reused from cache")
+    return cached
+
+
+def _run_on(uri: str, run_id: str | None):
+    """The run `run_id` on this tracking server, or None."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return tracking.client(uri).get_run(run_id)
+    except MlflowException:
+        return None
 
 
 def _artifacts(stage: str, result: StageResult, uri: str, run_id: str, note: str = "") -> None:

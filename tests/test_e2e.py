@@ -56,8 +56,16 @@ def test_mlflow_has_parent_and_child_runs(servers, first_run):
     parent = client.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.info.status == child.info.status == "FINISHED"
     assert parent.data.tags["v3flow.config"] == "micro" and parent.data.tags["prefect.flow_run_id"]
-    assert len(parent.data.tags["git.commit"]) in (40, 7) or parent.data.tags["git.commit"] == "unknown"
+    assert len(parent.data.tags.get("mlflow.source.git.commit", "x" * 40)) == 40  # MLflow's own Source field
+    assert parent.info.run_name.startswith("micro ") and parent.info.run_name != "micro run"  # + the flow run's name
     assert parent.data.params["data.minhash.bands"] == "14"
+    # the parent carries every stage's headline metrics and time: what the compare view of two pipelines shows
+    pm = parent.data.metrics
+    assert pm["data.train_tokens"] == result["data"]["metrics"]["train_tokens"]
+    assert pm["pretrain.final_val_loss"] == result["pretrain"]["metrics"]["final_val_loss"]
+    assert "task_eval.grpo.accuracy" in pm and "long_eval.phase2.passkey_exact_match" in pm
+    assert all(f"{stage}.seconds" in pm for stage in result)
+    assert parent.data.tags["v3flow.reused"] == "" and parent.data.tags["v3flow.forced"] == ""
     assert child.data.params["minhash.bands"] == "14" and child.data.params["tokenizer_sha256"]
     m = child.data.metrics
     assert m["docs_read"] > 0 and m["near_duplicates_removed"] > 0 and m["tokens"] > 10_000
@@ -139,6 +147,29 @@ def test_post_training_chains_after_extension_and_is_in_mlflow(servers, first_ru
     assert set(samples["columns"]) >= {"arm", "question", "response", "correct", "samples_correct"}
 
 
+MODEL_STAGES = ("pretrain", "extend_phase1", "extend_phase2", "sft", "grpo")
+
+
+def test_every_model_stage_is_a_registered_version_with_aliases(servers, first_run):
+    """v3flow-micro: a version per model stage (the Hugging Face folder its run logged), an alias per stage, tags
+    back to the data, and a champion chosen on the held-out task accuracy with the decision on the version."""
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    for stage in MODEL_STAGES:
+        version = client.get_model_version_by_alias("v3flow-micro", stage)
+        assert version.run_id == result[stage]["mlflow_run_id"] and version.source.endswith(f"/{stage}/hf")
+        assert version.tags["v3flow.stage_key"] == f"{stage}:{result[stage]['key']}"
+        assert version.tags["lineage.data"] == result["data"]["key"]
+        assert version.tags["lineage.pack"] == result["pack"]["key"]
+    champion = client.get_model_version_by_alias("v3flow-micro", "champion")
+    assert champion.tags["v3flow.stage"] in ("extend_phase2", "sft", "grpo")  # the models task_eval scores
+    assert "promoted to champion" in champion.tags["champion.decision"]
+    scores = {s: float(client.get_model_version_by_alias("v3flow-micro", s).tags["eval.accuracy"])
+              for s in ("extend_phase2", "sft", "grpo")}
+    assert float(champion.tags["eval.accuracy"]) == max(scores.values())
+    assert scores["grpo"] == result["task_eval"]["metrics"]["grpo.accuracy"]
+
+
 def test_prefect_flow_run_and_artifacts(servers, first_run):
     _, result = first_run
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
@@ -150,6 +181,26 @@ def test_prefect_flow_run_and_artifacts(servers, first_run):
     by_key = {a["key"]: a for a in arts}
     assert "near duplicates removed" in by_key["data-report"]["data"]
     assert by_key["data-mlflow"]["type"] == "markdown" or "http" in by_key["data-mlflow"]["data"]
+    parent_id = child.data.tags["mlflow.parentRunId"]
+    assert parent_id in by_key["pipeline-mlflow"]["data"] and "workflowType=machine_learning" in by_key[
+        "pipeline-mlflow"]["data"]
+    assert f"| pretrain | ran | {result['pretrain']['key']} |" in by_key["report-card"]["data"]
+
+
+def test_report_card_is_one_self_contained_page(servers, first_run, tmp_path):
+    """On the parent run: report_card.html with every figure inlined (no external file), and its markdown."""
+    _, result = first_run
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(result["data"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    page = Path(client.download_artifacts(parent, "report_card.html", str(tmp_path))).read_text()
+    for heading in ("Data funnel (documents)", "Training curves", "Expert load balance in pretraining",
+                    "Long context: loss by position", "Passkey retrieval after phase 2", "Accuracy by stage",
+                    "Wall time per stage"):
+        assert f'<img alt="{heading}' in page, heading
+    assert page.count("src=\"data:image/png;base64,") == page.count("<img") and 'src="http' not in page
+    # rebuilt from MLflow alone, for any past run
+    out = v3flow(servers, "report", parent, "--out", str(tmp_path / "again")).stdout
+    assert "report_card.html" in out and (tmp_path / "again" / "report_card.md").read_text().count("| pretrain |") == 2
 
 
 def test_unchanged_rerun_is_served_from_cache(servers, first_run):
@@ -161,8 +212,23 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
     assert again["data"]["metrics"] == first["data"]["metrics"]
     assert time.monotonic() - started < 120  # generous: the point is that nothing was recomputed
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
-    cached_child = client.get_run(again["data"]["mlflow_run_id"] or first["data"]["mlflow_run_id"])
-    assert cached_child.info.status == "FINISHED"
+    producer = first["pretrain"]["mlflow_run_id"]
+    assert again["pretrain"]["mlflow_run_id"] == producer  # the manifest names the run that made the outputs
+    reused = client.search_runs([client.get_run(producer).info.experiment_id],
+                                filter_string=f"tags.`v3flow.source_run_id` = '{producer}'")
+    assert len(reused) == 1 and reused[0].info.status == "FINISHED"
+    stub = reused[0]
+    # the reused stage's run carries the producing run's curves and links to it
+    assert [m.value for m in client.get_metric_history(stub.info.run_id, "loss")] == [
+        m.value for m in client.get_metric_history(producer, "loss")]
+    assert producer in stub.data.tags["mlflow.note.content"]
+    parent = client.get_run(stub.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["v3flow.reused"].split(",") == list(first)
+    # registered once: the reused models keep their versions, and the champion stays
+    versions = client.search_model_versions("name = 'v3flow-micro'")
+    assert len(versions) == len(MODEL_STAGES)
+    assert "stays champion" in parent.data.tags["v3flow.champion"]
+    assert parent.data.metrics["pretrain.final_val_loss"] == first["pretrain"]["metrics"]["final_val_loss"]
 
 
 def test_changed_config_reruns_and_force_reruns(servers, first_run):
@@ -172,10 +238,12 @@ def test_changed_config_reruns_and_force_reruns(servers, first_run):
     assert changed["data"]["cached"] and changed["data"]["key"] == first["data"]["key"]  # not its section
     assert not changed["pack"]["cached"] and changed["pack"]["key"] != first["pack"]["key"]
     assert not changed["pretrain"]["cached"] and changed["pretrain"]["key"] != first["pretrain"]["key"]  # new data
-    forced = run_json(servers, "--set", f"workdir={workdir}", "--force", "data")
+    forced = run_json(servers, "--set", f"workdir={workdir}", "--stages", "data", "--force")
     assert not forced["data"]["cached"] and forced["data"]["key"] == first["data"]["key"]
-    assert forced["pack"]["cached"] and forced["pretrain"]["cached"]  # identical data: same keys, reused
     assert forced["data"]["metrics"]["tokens"] == first["data"]["metrics"]["tokens"]
+    plan = json.loads(v3flow(servers, "run", str(MICRO), "--set", f"workdir={workdir}", "--stages", "pretrain",
+                             "--dry-run", "--json").stdout)
+    assert all(row["cached"] for row in plan)  # identical data: the same keys downstream, still reused
 
 
 def test_two_concurrent_runs_of_one_config_write_one_set_of_outputs(servers, tmp_path):
@@ -203,27 +271,94 @@ def test_bad_config_fails_before_any_run(servers):
     assert proc.returncode == 2 and "unknown stage(s) ['pretrian']" in proc.stderr
 
 
+def serve(env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "v3flow.cli", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
 def test_deployment_run_from_the_api(servers, tmp_path):
-    """What the UI's 'Run' button does: create a flow run of a served deployment and watch it finish."""
-    serve = subprocess.Popen([sys.executable, "-m", "v3flow.cli", "serve"], env=servers, cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """What the UI's 'Run' button does: create a flow run of a served deployment and watch it finish. Then what a
+    user set in the UI survives a restart of `serve`: an activated shipped schedule stays active, an added one
+    stays; and the shipped pretrain -> extension trigger exists."""
+    server = serve(servers)
     try:
         with api(servers) as c:
-            deployment = _wait_for(lambda: _deployment(c, "data", "v3flow"), 180)
-            schedules = deployment["schedules"]
-            assert [s["active"] for s in schedules] == [False]  # the nightly refresh ships paused
-            params = {"request": {"config": str(MICRO), "overrides": [f"workdir={tmp_path}"], "force": False}}
+            deployment = _wait_for(lambda: _deployment(c, "stage", "data"), 180)
+            assert [(s["slug"], s["active"]) for s in deployment["schedules"]] == [("nightly-data-refresh", False)]
+            assert deployment["parameter_openapi_schema"]["definitions"]["StageRequest"]["properties"]["stage"][
+                "enum"][:2] == ["data", "pack"]  # the form offers the stages
+            params = {"request": {"stage": "data", "config": "configs/micro.yaml", "overrides": [f"workdir={tmp_path}"],
+                                  "force": False}}
+            typo = {"parameters": {"request": {**params["request"], "config": "configs/mirco.yaml"}}}
+            refused = c.post(f"/deployments/{deployment['id']}/create_flow_run", json=typo)
+            assert refused.status_code == 409 and "configs/micro.yaml" in refused.text  # refused before it is queued
             body = {"parameters": params, "idempotency_key": uuid.uuid4().hex}  # a retried POST runs once
             run = _wait_for(lambda: _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json=body)), 30)
             state = _wait_for(lambda: _final_state(c, run["id"]), 420)
-        assert state == "COMPLETED"
-        assert list(tmp_path.glob("data/*/result.json"))
-    finally:
-        import os
-        import signal
+            assert state == "COMPLETED"
+            assert list(tmp_path.glob("data/*/result.json"))
+            # what a user does in the UI: switch the nightly refresh on, add a schedule of their own
+            nightly = deployment["schedules"][0]["id"]
+            assert c.patch(f"/deployments/{deployment['id']}/schedules/{nightly}", json={"active": True}).is_success
+            weekly = {"schedule": {"cron": "0 5 * * 0", "timezone": "UTC"}, "active": True, "slug": "my-weekly"}
+            assert c.post(f"/deployments/{deployment['id']}/schedules", json=[weekly]).is_success
+            automations = _ok(c.post("/automations/filter", json={}))
+            assert "extend when pretraining completes" in {a["name"] for a in automations}
+            _cancel_pretraining(c, servers, tmp_path)
+            before = _deployment(c, "stage", "data")
+        stop(server)
+        server = serve(servers)
+        with api(servers) as c:
+            def restarted():
+                d = _deployment(c, "stage", "data")
+                return d if d and d["updated"] != before["updated"] else None  # registered again
 
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=60)
+            after = _wait_for(restarted, 180)
+        assert sorted((s["slug"], s["active"]) for s in after["schedules"]) == [("my-weekly", True),
+                                                                             ("nightly-data-refresh", True)]
+    finally:
+        stop(server)
+
+
+def _trainers(workdir: Path) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "stages.pretrain.trainer" in cmdline and str(workdir) in cmdline:
+            found.append(proc)
+    return found
+
+
+def _cancel_pretraining(c: httpx.Client, env, workdir: Path) -> None:
+    """Cancel a stage/pretrain run from the API (the UI's Cancel) while its trainer runs: the trainer processes
+    go, and no MLflow run of it stays RUNNING (they end KILLED)."""
+    deployment = _deployment(c, "stage", "pretrain")
+    params = {"request": {"stage": "pretrain", "config": "configs/micro.yaml", "overrides": [f"workdir={workdir}"],
+                          "force": False}}
+    run = _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": params}))
+    _wait_for(lambda: _trainers(workdir), 240)
+    cancel = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+    assert _ok(c.post(f"/flow_runs/{run['id']}/set_state", json=cancel))
+    assert _wait_for(lambda: _final_state(c, run["id"]), 120) == "CANCELLED"
+    _wait_for(lambda: not _trainers(workdir) or None, 30)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("v3flow-micro")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
+    assert [r.info.status for r in runs] == ["KILLED"]  # the parent
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{runs[0].info.run_id}'")
+    statuses = {r.data.tags["v3flow.stage"]: r.info.status for r in children}
+    assert statuses["pretrain"] == "KILLED" and "RUNNING" not in statuses.values()
 
 
 def test_an_active_schedule_creates_runs(servers):

@@ -1,8 +1,9 @@
 """`v3flow`: the one entry point.
 
-    v3flow run CONFIG [--stages data,pretrain] [--set key=value ...] [--force STAGE,...]
+    v3flow run CONFIG [--stages data,pretrain] [--set key=value ...] [--force]
     v3flow validate CONFIG [--set key=value ...]
     v3flow params CONFIG    parameter counts (total, activated, MTP) and KV-cache bytes per token
+    v3flow report RUN_ID    rebuild the report card of a pipeline run (its MLflow parent run)
     v3flow serve            serve the deployments (start runs from the Prefect UI)
     v3flow up | down | status   the local Prefect and MLflow servers
 
@@ -35,13 +36,18 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set data.minhash.bands=20")
     run.add_argument("--stages", type=_csv, default=[], help="comma-separated stages (default: all)")
-    run.add_argument("--force", type=_csv, default=[], help="comma-separated stages to rerun even if cached")
+    run.add_argument("--force", action="store_true",
+                     help="rerun the chosen stages (all, without --stages) even when cached; the stages they need "
+                          "are reused when unchanged")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--dry-run", action="store_true",
                      help="run nothing: print each stage's key, whether it is cached, and for a miss what changed")
     params = sub.add_parser("params", help="parameter counts and KV-cache size of a config's model (no weights)")
     params.add_argument("config")
     params.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    report = sub.add_parser("report", help="rebuild the report card of a pipeline run from MLflow (and log it there)")
+    report.add_argument("run_id", help="the MLflow parent run of the pipeline run")
+    report.add_argument("--out", default=".", help="folder for report_card.html / .md (default: here)")
     sub.add_parser("serve", help="serve the deployments to the Prefect server")
     sub.add_parser("up", help="start the local Prefect and MLflow servers")
     sub.add_parser("down", help="stop the local servers")
@@ -90,7 +96,10 @@ def cmd_run(args) -> int:
     for name, r in result.items():
         how = "reused (cached)" if r["cached"] else "ran"
         print(f"  {name:14s} {how:16s} key {r['key']}  -> {r['out_dir']}")
-    print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {urls['mlflow']}  (experiment '{cfg.tracking.experiment}')")
+    from v3flow import tracking
+
+    print(f"Prefect UI: {urls['prefect']}\nMLflow UI:  {tracking.experiment_url(urls['mlflow'], cfg.tracking.experiment)}"
+          f"  (experiment '{cfg.tracking.experiment}')")
     return 0
 
 
@@ -103,10 +112,8 @@ def _dry_run(cfg, args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    stale = False
     for r in rows:
-        forced = r["stage"] in args.force
-        stale = stale or forced or not r["cached"]
+        forced = args.force and (r["stage"] in args.stages or not args.stages)
         what = "forced" if forced else "cached" if r["cached"] else "would run"
         print(f"  {r['stage']:14s} {what:10s} key {r['key']}  -> {r['out_dir']}")
         if not r["cached"] and not forced:
@@ -123,6 +130,16 @@ def cmd_params(args) -> int:
 
     cfg = load_config(args.config, args.overrides, require_set=False)  # reads the model only
     print(f"{cfg.name}:\n{report(cfg.model)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from v3flow import report_card, servers, tracking
+
+    uri = servers.ensure_for_run()["mlflow"]
+    out = Path(args.out)
+    card = report_card.publish(uri, args.run_id, out)
+    print(f"{card.title}\n  {out / 'report_card.html'}\n  {out / 'report_card.md'}\n  on {tracking.run_url(uri, args.run_id)}")
     return 0
 
 
@@ -157,12 +174,13 @@ def cmd_status(args) -> int:
     from v3flow import servers
 
     for s in (servers.PREFECT, servers.MLFLOW):
-        print(f"{s.name:8s} {s.url:28s} {'up' if s.healthy() else 'down'}")
+        state = ("up" if servers.ours(s) else f"up, but not started from {servers.home()}") if s.healthy() else "down"
+        print(f"{s.name:8s} {s.url:28s} {state}")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "params": cmd_params, "serve": cmd_serve, "up": cmd_up, "down": cmd_down,
-            "status": cmd_status}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "params": cmd_params, "report": cmd_report, "serve": cmd_serve,
+            "up": cmd_up, "down": cmd_down, "status": cmd_status}
 
 if __name__ == "__main__":
     sys.exit(main())

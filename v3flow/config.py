@@ -147,8 +147,9 @@ def _explain(err: ValidationError, path: Path, overrides: list[str]) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         where = f"line {lines[key]}" if key in lines else "from an override or a base file"
-        if any(o.split("=", 1)[0] == key for o in overrides):
-            where = "from --set"
+        override = next((o for o in overrides if o.split("=", 1)[0] == key), None)
+        if override is not None:
+            where = f"from the override {override}"
         value = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":

@@ -106,9 +106,43 @@ def _pid_file(server: Server) -> Path:
     return home() / f"{server.name}.pid"
 
 
+def ours(server: Server) -> bool:
+    """Whether the process listening on `server`'s port was started from this state folder: it belongs to the
+    session whose leader's pid we recorded (both servers start in a session of their own)."""
+    import psutil
+
+    pid_file = _pid_file(server)
+    if not pid_file.exists():
+        return False
+    leader = int(pid_file.read_text())
+    try:
+        listening = [c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port and c.pid]
+    except psutil.AccessDenied:  # macOS lists sockets for root only: trust a live recorded process
+        return psutil.pid_exists(leader)
+    for pid in listening:
+        try:
+            if os.getsid(pid) == leader:
+                return True
+        except ProcessLookupError:
+            continue
+    return False
+
+
+def _check_owner(server: Server) -> None:
+    if not ours(server):
+        raise ServerError(
+            f"a {server.name} server answers on {server.url} but was not started from {home()} (another project's "
+            f"or another checkout's): its runs and state would mix with this one's. Stop it, pick another port with "
+            f"{server.port_env}, or point at it on purpose with "
+            f"{'PREFECT_API_URL' if server is PREFECT else 'MLFLOW_TRACKING_URI'}.")
+
+
 def start(server: Server, wait_s: float = 120) -> str:
-    """Start `server` in its own session unless it already answers; returns its URL."""
+    """Start `server` in its own session unless it already answers; returns its URL. A server on the port that
+    this state folder did not start is refused."""
     if server.healthy():
+        _check_owner(server)
         return server.url
     logs = home() / "logs"
     logs.mkdir(exist_ok=True)

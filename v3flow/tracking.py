@@ -39,13 +39,23 @@ def experiment_id(c: MlflowClient, name: str) -> str:
     return exp.experiment_id if exp else c.create_experiment(name)
 
 
+# MLflow 3 opens an experiment in its GenAI view (traces, judges) unless the link asks for the classic one.
+_CLASSIC_VIEW = "?workflowType=machine_learning"
+
+
 def run_url(uri: str, run_id: str) -> str:
     """Link to a run in the MLflow UI (HTTP tracking servers only; otherwise the run id)."""
     if not uri.startswith("http"):
         return f"mlflow run {run_id} at {uri}"
     c = client(uri)
     exp = c.get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}{_CLASSIC_VIEW}"
+
+
+def experiment_url(uri: str, name: str) -> str:
+    """Link to an experiment's runs table in the MLflow UI (its address alone when it does not exist yet)."""
+    exp = client(uri).get_experiment_by_name(name) if uri.startswith("http") else None
+    return f"{uri.rstrip('/')}/#/experiments/{exp.experiment_id}{_CLASSIC_VIEW}" if exp else uri
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -62,13 +72,26 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit(root: Path) -> str:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
-                             check=False)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def git_commit(root: Path) -> str:
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def source_tags(root: Path, entry_point: str) -> dict[str, str]:
+    """MLflow's standard source tags (its UI's Source and Git commit fields) for code run from `root`."""
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": entry_point}
+    for tag, args in (("commit", ("rev-parse", "HEAD")), ("branch", ("rev-parse", "--abbrev-ref", "HEAD")),
+                      ("repoURL", ("remote", "get-url", "origin"))):
+        if value := _git(root, *args):
+            tags[f"mlflow.source.git.{tag}"] = value
+    return tags
 
 
 def start_run(uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, str],
@@ -148,6 +171,17 @@ def log_figure(uri: str, run_id: str, figure, name: str) -> None:
     client(uri).log_figure(run_id, figure, name)
 
 
+def copy_metric_history(uri: str, source_run_id: str, run_id: str) -> int:
+    """Every metric curve of `source_run_id` (each logged step) into `run_id`; returns how many curves."""
+    c = client(uri)
+    keys = list(c.get_run(source_run_id).data.metrics)
+    for key in keys:
+        history = c.get_metric_history(source_run_id, key)
+        for i in range(0, len(history), 1000):
+            c.log_batch(run_id, metrics=history[i : i + 1000])
+    return len(keys)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
@@ -171,3 +205,75 @@ def child_runs(uri: str, parent_run_id: str) -> list:
     c = client(uri)
     parent = c.get_run(parent_run_id)
     return c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+# The model registry: one registered model per config, a version per model artifact, aliases per stage.
+
+
+def artifact_uri(uri: str, run_id: str, path: str) -> str | None:
+    """Where `path` lies among `run_id`'s artifacts; None when this tracking server does not hold the run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        root = client(uri).get_run(run_id).info.artifact_uri
+    except MlflowException:
+        return None
+    return f"{root.rstrip('/')}/{path}"
+
+
+def model_version_with_tag(uri: str, name: str, key: str, value: str):
+    """The version of registered model `name` tagged key=value, or None (the model need not exist)."""
+    versions = client(uri).search_model_versions(f"name = '{name}' and tags.`{key}` = '{value}'")
+    return versions[0] if versions else None
+
+
+def register_model_version(uri: str, name: str, source: str, run_id: str, tags: dict[str, str], description: str):
+    """A new version of `name` (created when missing) for the model files at `source`, made by `run_id`."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="v3flow models of one pipeline config: a version per model "
+                                  "stage, an alias per stage and `champion`.")
+    return c.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                  description=description)
+
+
+def model_version_by_alias(uri: str, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_model_alias(uri: str, name: str, alias: str, version: str) -> None:
+    client(uri).set_registered_model_alias(name, alias, version)
+
+
+def set_model_version_tags(uri: str, name: str, version: str, tags: dict[str, str]) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, str(value))
+
+
+# Reading runs back (the report card is built from what MLflow holds).
+
+
+def get_run(uri: str, run_id: str):
+    return client(uri).get_run(run_id)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+def artifact_paths(uri: str, run_id: str, folder: str) -> list[str]:
+    return [a.path for a in client(uri).list_artifacts(run_id, folder)]
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    return Path(client(uri).download_artifacts(run_id, path, str(dst)))

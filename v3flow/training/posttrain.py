@@ -170,7 +170,8 @@ def train(stage: str, trainer_module: str, inputs: dict, out_dir: Path, spec: di
     result = StageResult(
         stage=stage, key=out_dir.name, out_dir=str(out_dir),
         outputs={"model": str(out_dir), "hf": str(out_dir / "hf"), "metrics": str(out_dir / METRICS)},
-        params={"input_model": str(source)}, artifacts=[str(out_dir / METRICS), str(out_dir / artifact.MODEL_FILE)])
+        params={"input_model": str(source)},
+        artifacts=[str(out_dir / METRICS), str(out_dir / artifact.MODEL_FILE), str(out_dir / "hf")])
     return json.loads((out_dir / "final.json").read_text()), wall, result
 
 
