@@ -18,6 +18,7 @@ from v3flow.model.args import ModelConfig
 from v3flow.registry import RegistryConfig
 from v3flow.stages.data.config import DataConfig, expand_sources
 from v3flow.stages.distill.config import DistillConfig
+from v3flow.stages.evaluate import EvaluateSettings
 from v3flow.stages.extend.config import ExtensionConfig
 from v3flow.stages.grpo.config import GrpoConfig
 from v3flow.stages.pretrain.config import PretrainConfig
@@ -57,6 +58,7 @@ class PipelineConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     extension: ExtensionConfig = Field(default_factory=ExtensionConfig)
     posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig)
+    evaluation: EvaluateSettings = Field(default_factory=EvaluateSettings)
     inputs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Which stage fills a stage's input role where it is not the default, "
         "{stage: {role: providing stage}}: e.g. {sft: {model: pretrain}} when context extension is off. Checked "

@@ -31,6 +31,7 @@ from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.stages import data as data_stage
 from v3flow.stages import distill as distill_stage
+from v3flow.stages import evaluate as evaluate_stage
 from v3flow.stages import extend as extend_stage
 from v3flow.stages import grpo as grpo_stage
 from v3flow.stages import pack as pack_stage
@@ -42,8 +43,19 @@ from v3flow.stages.pretrain.config import PretrainStageConfig
 
 TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
 POSTTRAIN_LIBRARIES = (*TRAINING_LIBRARIES, "trl", "datasets", "tokenizers")
+MODEL_STAGES = ("pretrain", "extend_phase1", "extend_phase2", "sft", "grpo")
 TRAINING_HEADLINE = ("final_val_loss", "final_val_perplexity", "final_mtp_acceptance_rate", "final_maxvio_mean",
                      "tokens_per_s", "wall_time_s")
+
+
+def _evaluate_section(cfg: PipelineConfig) -> evaluate_stage.EvaluateConfig:
+    """The evaluation settings, and which arm of long_eval and task_eval is which model (from the wiring)."""
+    wires = wiring(cfg)
+    return evaluate_stage.EvaluateConfig(
+        **cfg.evaluation.model_dump(), long_arms={a: s for a, s in wires["long_eval"].items() if s in MODEL_STAGES},
+        task_arms={a: s for a, s in wires["task_eval"].items() if s in MODEL_STAGES})
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -87,6 +99,11 @@ STAGES: dict[str, StageSpec] = {
                   libraries=(*TRAINING_LIBRARIES, "tokenizers", "math_verify"),
                   headline=("base.accuracy", "sft.accuracy", "grpo.accuracy", "sft.pass_at_4", "grpo.pass_at_4",
                             "sft.gain_over_base", "grpo.gain_over_sft", "grpo.gain_over_sft_stderr")),
+        StageSpec("evaluate", evaluate_stage, _evaluate_section,
+                  inputs={**{m: m for m in MODEL_STAGES}, "val": "pack", "long": "long_eval", "tasks": "task_eval"},
+                  libraries=TRAINING_LIBRARIES,
+                  headline=tuple(f"{m}.{k}" for m in MODEL_STAGES for k in ("val_loss", "mtp_acceptance_rate",
+                                                                         "maxvio_mean", "accuracy"))),
     ]
 }
 

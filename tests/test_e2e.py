@@ -64,6 +64,7 @@ def test_mlflow_has_parent_and_child_runs(servers, first_run):
     assert pm["data.train_tokens"] == result["data"]["metrics"]["train_tokens"]
     assert pm["pretrain.final_val_loss"] == result["pretrain"]["metrics"]["final_val_loss"]
     assert "task_eval.grpo.accuracy" in pm and "long_eval.phase2.passkey_exact_match" in pm
+    assert {f"evaluate.{m}.val_loss" for m in ("pretrain", "extend_phase1", "extend_phase2", "sft", "grpo")} <= set(pm)
     assert all(f"{stage}.seconds" in pm for stage in result)
     assert parent.data.tags["v3flow.reused"] == "" and parent.data.tags["v3flow.forced"] == ""
     assert child.data.params["minhash.bands"] == "14" and child.data.params["tokenizer_sha256"]
@@ -193,6 +194,7 @@ def test_report_card_is_one_self_contained_page(servers, first_run, tmp_path):
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     parent = client.get_run(result["data"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
     page = Path(client.download_artifacts(parent, "report_card.html", str(tmp_path))).read_text()
+    assert "<h2>Every model of the chain (evaluate stage)</h2>" in page
     for heading in ("Data funnel (documents)", "Training curves", "Expert load balance in pretraining",
                     "Long context: loss by position", "Passkey retrieval after phase 2", "Accuracy by stage",
                     "Wall time per stage"):
@@ -200,7 +202,7 @@ def test_report_card_is_one_self_contained_page(servers, first_run, tmp_path):
     assert page.count("src=\"data:image/png;base64,") == page.count("<img") and 'src="http' not in page
     # rebuilt from MLflow alone, for any past run
     out = v3flow(servers, "report", parent, "--out", str(tmp_path / "again")).stdout
-    assert "report_card.html" in out and (tmp_path / "again" / "report_card.md").read_text().count("| pretrain |") == 2
+    assert "report_card.html" in out and "| pretrain | ran |" in (tmp_path / "again" / "report_card.md").read_text()
 
 
 def test_unchanged_rerun_is_served_from_cache(servers, first_run):

@@ -29,7 +29,7 @@ STAGE_KEY_TAG = "v3flow.stage_key"
 class RegistryConfig(Section):
     enabled: bool = True
     model_name: str | None = Field(None, description="Registered model name; default v3flow-<config name>.")
-    evaluator: str = Field("task_eval", description="The stage whose scores decide the champion.")
+    evaluator: str = Field("evaluate", description="The stage whose per-model scores decide the champion.")
     champion_metric: str = Field("accuracy", description="The evaluator's per-model metric (`<role>.<metric>`) "
                                  "that decides the champion, e.g. accuracy or pass_at_4.")
     greater_is_better: bool = True

@@ -100,6 +100,7 @@ def build(uri: str, parent_run_id: str) -> Card:
         _experts(card, uri, children, producer, Path(tmp))
         _long_context(card, uri, children, producer, Path(tmp))
         _accuracy(card, children)
+        _models(card, children)
         _wall_time(card, pm, children, order)
     return card
 
@@ -213,6 +214,21 @@ def _accuracy(card: Card, children: dict) -> None:
            color="#59a14f", capsize=4)
     ax.set_ylabel("greedy accuracy")
     card.figure("Accuracy by stage (held-out problems, ± 1 s.e.)", _png(fig), "accuracy.png")
+
+
+MODEL_COLUMNS = (("val_loss", "val loss"), ("val_perplexity", "val ppl"), ("maxvio_mean", "MaxVio"),
+                 ("mtp_acceptance_rate", "MTP accept"), ("long.passkey_exact_match", "passkey"),
+                 ("accuracy", "task accuracy"), ("pass_at_1", "pass@1"), ("format_ok", "format ok"))
+
+
+def _models(card: Card, children: dict) -> None:
+    if "evaluate" not in children:
+        return
+    m = children["evaluate"].data.metrics
+    models = list(dict.fromkeys(k.split(".")[0] for k in m if k.endswith(".val_loss")))
+    columns = [(k, name) for k, name in MODEL_COLUMNS if any(f"{model}.{k}" in m for model in models)]
+    card.table("Every model of the chain (evaluate stage)", ["model", *[name for _, name in columns]],
+               [[model, *[m.get(f"{model}.{k}") for k, _ in columns]] for model in models])
 
 
 def _wall_time(card: Card, pm: dict, children: dict, order: list[str]) -> None:

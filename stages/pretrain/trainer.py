@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
+from v3flow.evaluation.language_model import mtp_acceptance
 from v3flow.model.args import ModelConfig
 from v3flow.model.attention import set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer, checkpoint_activations
@@ -185,18 +186,6 @@ class Trainer:
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
 
-    @torch.no_grad()
-    def mtp_acceptance(self, model: Transformer, prompt_len: int = 32, new_tokens: int = 64) -> dict:
-        """Self-speculative decoding from prompts spread over the validation split: how often the MTP draft
-        is the main model's own next token (pooled, with a per-prompt clustered standard error)."""
-        from v3flow.model.generate import acceptance_summary, speculative
-
-        model.eval()
-        length = min(prompt_len, self.val.seq_len - new_tokens - 2)
-        rows = torch.linspace(0, self.val.size - 1, min(self.cfg.mtp_eval_prompts, self.val.size)).long()
-        return acceptance_summary([speculative(model, seq[None, :length].to(self.acc.device), new_tokens)[1]
-                                   for seq in self.val.rows(rows.numpy())])
-
     def save(self) -> None:
         checkpoint.save(self.run_dir / "checkpoints", self.state["step"], self.raw, self.opt.optimizer,
                         {k: v for k, v in self.state.items() if k != "step"}, self.cfg.keep_checkpoints,
@@ -239,7 +228,7 @@ class Trainer:
         if self.acc.is_main_process:
             final.update(self.monitor.summary())
             if self.model_cfg.mtp_depth:
-                final.update(self.mtp_acceptance(model))
+                final.update(mtp_acceptance(model, self.val, self.cfg.mtp_eval_prompts))
             if cfg.export_hf:
                 from v3flow.model.hf_format import export_hf
 

@@ -1,6 +1,7 @@
-// A look at both UIs after a pipeline run, as a user would: Prefect's flow run page with its stage task runs,
-// then MLflow's experiment with the parent run, its per-stage child runs and one stage's metrics. Fails when a
-// stage named on the command line is missing from either UI. Screenshots go to $OUT_DIR.
+// A look at both UIs after pipeline runs, as a user would: Prefect's flow run page with its stage task runs,
+// then MLflow's experiment with the parent run, its per-stage child runs and their metrics, and MLflow's compare
+// view of the two newest pipeline runs (their stage metrics side by side). Fails when a stage named on the
+// command line is missing from either UI. Screenshots go to $OUT_DIR.
 //   node ui_check.mjs http://127.0.0.1:4200 http://127.0.0.1:5000 v3flow-tiny sft grpo task_eval
 import { chromium } from "playwright-core";
 
@@ -41,6 +42,17 @@ try {
     await page.screenshot({ path: `${out}/mlflow-${stage}.png`, fullPage: true });
     console.log(`mlflow: ${parent.info.run_name} / ${stage}: ${(child.data.metrics || []).length} metrics, ` +
       `${(child.data.params || []).length} params`);
+  }
+  const parents = runs.filter((r) => !(r.data.tags || []).some((t) => t.key === "mlflow.parentRunId")).slice(0, 2);
+  if (parents.length === 2) {
+    const ids = JSON.stringify(parents.map((r) => r.info.run_id));
+    await page.goto(`${mlflow}/#/compare-runs?runs=${ids}&experiments=${JSON.stringify([exp.experiment_id])}`);
+    for (const r of parents) await page.getByText(r.info.run_name).first().waitFor({ timeout: 60000 });
+    const metric = `${stages[stages.length - 1]}.`;  // a stage's headline metrics on the parent runs
+    await page.getByText(metric, { exact: false }).first().waitFor({ timeout: 60000 });
+    await page.waitForTimeout(1500);
+    await page.screenshot({ path: `${out}/mlflow-compare.png`, fullPage: true });
+    console.log(`mlflow: compared ${parents.map((r) => r.info.run_name).join(" and ")}`);
   }
 } catch (err) {
   await page.screenshot({ path: `${out}/ui-check-failure.png` }).catch(() => {});

@@ -44,7 +44,10 @@ def test_inputs_are_wired_by_role_and_the_config_can_rewire_them():
                         "long_eval": {"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2",
                                       "corpus": "data", "short": "pack"},
                         "distill": {"model": "extend_phase2"}, "sft": {"model": "extend_phase2", "data": "distill"},
-                        "grpo": {"model": "sft"}, "task_eval": {"base": "extend_phase2", "sft": "sft", "grpo": "grpo"}}
+                        "grpo": {"model": "sft"}, "task_eval": {"base": "extend_phase2", "sft": "sft", "grpo": "grpo"},
+                        "evaluate": {"pretrain": "pretrain", "extend_phase1": "extend_phase1",
+                                     "extend_phase2": "extend_phase2", "sft": "sft", "grpo": "grpo", "val": "pack",
+                                     "long": "long_eval", "tasks": "task_eval"}}
     assert plan(["pretrain"]) == ["data", "pack", "pretrain"]
     assert plan(["extend_phase2"]) == ["data", "pack", "pretrain", "pack_phase1", "extend_phase1", "pack_phase2",
                                        "extend_phase2"]
