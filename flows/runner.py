@@ -110,15 +110,17 @@ def _run_locked(spec: StageSpec, cfg: PipelineConfig, inputs: dict[str, StageRes
               **{f"input.{role}": f"{r.stage}:{r.key}" for role, r in inputs.items()}}
     tags = {**source, "v3flow.stage": spec.name, "v3flow.stage_key": key, "v3flow.cached": str(cached is not None)}
 
+    read = {role: (r.stage, r.key, r.out_dir) for role, r in inputs.items()}
     if cached is not None:
         log.info(f"{spec.name}: inputs unchanged (key {key}), reusing {out_dir}")
         return Completed(name="Cached", message=f"reused {out_dir}",
-                         data=_reuse(spec.name, cached, cfg, uri, tags, params, parent_run_id))
+                         data=_reuse(spec.name, cached, cfg, uri, tags, params, parent_run_id, read))
 
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = tracking.start_run(uri, cfg.tracking.experiment, spec.name, tags, params, parent_run_id)
+    tracking.log_stage_inputs(uri, run_id, read)
     log.info(f"{spec.name}: running into {out_dir} (MLflow run {run_id})")
     try:
         with tracking.run_env(run_id, uri):
@@ -150,7 +152,7 @@ def end_status(exc: BaseException) -> str:
 
 
 def _reuse(stage: str, cached: StageResult, cfg: PipelineConfig, uri: str, tags: dict[str, str],
-           params: dict[str, str], parent_run_id: str) -> StageResult:
+           params: dict[str, str], parent_run_id: str, read: dict[str, tuple[str, str, str]]) -> StageResult:
     """A child run for a stage served from the cache: it carries the producing run's curves (every logged step)
     and links to that run, where the figures, tables and model files are; Prefect's links open the producing
     run. A producing run that this tracking server does not hold (a workdir made elsewhere) leaves the final
@@ -159,6 +161,7 @@ def _reuse(stage: str, cached: StageResult, cfg: PipelineConfig, uri: str, tags:
     producer = _run_on(uri, source_id)
     run_id = tracking.start_run(uri, cfg.tracking.experiment, stage, {**tags, "v3flow.source_run_id": source_id or ""},
                                 params, parent_run_id)
+    tracking.log_stage_inputs(uri, run_id, read)
     if producer:
         tracking.copy_metric_history(uri, source_id, run_id)
         tracking.set_tags(uri, run_id, {"mlflow.note.content": f"Reused from the cache: the run that produced these "

@@ -75,6 +75,8 @@ def test_mlflow_has_parent_and_child_runs(servers, first_run):
     pack = client.get_run(result["pack"]["mlflow_run_id"])
     assert 0.99 < pack.data.metrics["packing_efficiency"] <= 1
     assert pack.data.params["input.corpus"] == f"data:{result['data']['key']}"
+    read = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in pack.inputs.dataset_inputs}
+    assert read == {("data", result["data"]["key"], "corpus")}  # MLflow's own lineage: a dataset input per role
     assert "pack/manifest.json" in {a.path for a in client.list_artifacts(pack.info.run_id, "pack")}
 
 

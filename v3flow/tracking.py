@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,6 +166,25 @@ def log_dataset(uri: str, run_id: str, path: str, name: str, context: str) -> st
     tag = InputTag(key="mlflow.data.context", value=context)
     client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
     return dataset.digest
+
+
+def log_stage_inputs(uri: str, run_id: str, inputs: dict[str, tuple[str, str, str]]) -> None:
+    """The results a stage read, as MLflow dataset inputs of its run: role -> (stage, key, folder), named after the
+    stage, with the key as digest and the role as context. MLflow's lineage then reads model -> packed shards
+    -> tokenized corpus on the runs themselves."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    if not inputs:
+        return
+    with warnings.catch_warnings():  # a local path matches MLflow's two registrations of its local-file source
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        datasets = [DatasetInput(dataset=MetaDataset(resolve_dataset_source(folder), name=stage,
+                                                     digest=key)._to_mlflow_entity(),
+                                 tags=[InputTag(key="mlflow.data.context", value=role)])
+                    for role, (stage, key, folder) in inputs.items()]
+    client(uri).log_inputs(run_id, datasets=datasets)
 
 
 def log_figure(uri: str, run_id: str, figure, name: str) -> None:

@@ -4,8 +4,10 @@
 //   3. open its report card artifact and follow its link to the MLflow parent run
 //   4. MLflow: find the registered model's pretrain version by its alias
 //   5. Prefect: switch on the nightly data refresh and see its next run in the Upcoming tab
+//   6. Prefect: cancel a running pretraining run from its page; no trainer process and no RUNNING MLflow run stay
 // Screenshots go to $OUT_DIR (default: the current folder); any failure leaves failure.png.
 //   node browser_check.mjs http://127.0.0.1:4210 http://127.0.0.1:5010
+import { execSync } from "node:child_process";
 import { chromium } from "playwright-core";
 
 const [prefect, mlflow] = process.argv.slice(2);
@@ -89,6 +91,8 @@ try {
   step("its report card links to the MLflow parent run, which opens in the classic view");
 
   // 4. the registered model version by its alias
+  const experiment = (await fetch(`${mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=v3flow-micro`)
+    .then((r) => r.json())).experiment.experiment_id;
   await page.goto(`${mlflow}/#/models/v3flow-micro`);
   await page.getByText("@ pretrain").or(page.getByText("pretrain", { exact: true })).first()
     .waitFor({ timeout: 60000 });
@@ -113,6 +117,42 @@ try {
   await page.getByText("Scheduled").first().waitFor({ timeout: 30000 });
   await screenshot("upcoming-scheduled-run");
   step("the nightly data refresh, switched on in the UI, shows its next run in Upcoming");
+
+  // 6. cancel a running pretraining from the UI
+  const trainers = () => execSync("pgrep -f 'stages[.]pretrain[.]trainer' || true").toString().trim();
+  const params = { request: { stage: "pretrain", config: "configs/micro.yaml", overrides: [], force: true } };
+  const doomed = await api(`/deployments/${pretrain.id}/create_flow_run`, { parameters: params });
+  for (let i = 0; !trainers(); i++) {
+    if (i === 300) throw new Error("the forced pretraining run started no trainer in 5 minutes");
+    await sleep(1000);
+  }
+  await page.goto(`${prefect}/runs/flow-run/${doomed.id}`);
+  await page.getByRole("button", { name: "Cancel", exact: true }).first().click();
+  await screenshot("cancel-confirm");
+  await page.getByRole("dialog").getByRole("button", { name: /Cancel|Confirm/ }).last().click();
+  for (let i = 0; ; i++) {
+    const state = (await api(`/flow_runs/${doomed.id}`)).state.type;
+    if (state === "CANCELLED") break;
+    if (i === 120) throw new Error(`the cancelled run is still ${state} after 2 minutes`);
+    await sleep(1000);
+  }
+  for (let i = 0; trainers(); i++) {
+    if (i === 30) throw new Error(`trainer processes left after the cancel: ${trainers()}`);
+    await sleep(1000);
+  }
+  await page.reload();
+  await page.getByText("Cancelled").first().waitFor({ timeout: 30000 });
+  await screenshot("run-cancelled");
+  const search = (filter) => fetch(`${mlflow}/api/2.0/mlflow/runs/search`, { method: "POST",
+    headers: { "content-type": "application/json" }, body: JSON.stringify({ experiment_ids: [experiment], filter })
+  }).then((r) => r.json()).then((r) => r.runs || []);
+  const [killed] = await search(`tags.\`prefect.flow_run_id\` = '${doomed.id}'`);
+  const stages = await search(`tags.\`mlflow.parentRunId\` = '${killed.info.run_id}'`);
+  const statuses = [killed, ...stages].map((r) => r.info.status);
+  if (killed.info.status !== "KILLED" || statuses.includes("RUNNING")) {
+    throw new Error(`MLflow runs of the cancelled flow run: ${statuses.join(", ")}`);
+  }
+  step(`cancelled from the UI: no trainer left, MLflow runs ${statuses.join(", ")}`);
 } catch (err) {
   await page.screenshot({ path: `${out}/failure.png` }).catch(() => {});
   throw err;

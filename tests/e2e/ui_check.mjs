@@ -46,12 +46,20 @@ try {
   const parents = runs.filter((r) => !(r.data.tags || []).some((t) => t.key === "mlflow.parentRunId")).slice(0, 2);
   if (parents.length === 2) {
     const ids = JSON.stringify(parents.map((r) => r.info.run_id));
-    await page.goto(`${mlflow}/#/compare-runs?runs=${ids}&experiments=${JSON.stringify([exp.experiment_id])}`);
+    await page.goto(`${mlflow}/#/compare-runs?runs=${ids}&experiments=${JSON.stringify([exp.experiment_id])}` +
+      "&workflowType=machine_learning");
     for (const r of parents) await page.getByText(r.info.run_name).first().waitFor({ timeout: 60000 });
-    const metric = `${stages[stages.length - 1]}.`;  // a stage's headline metrics on the parent runs
-    await page.getByText(metric, { exact: false }).first().waitFor({ timeout: 60000 });
+    await page.getByText("Show diff only").first().waitFor({ timeout: 60000 });
+    for (const toggle of await page.getByRole("switch").all()) await toggle.click();  // params and metrics: diff only
+    const metric = page.getByText(`${stages[stages.length - 1]}.`, { exact: false }).first();  // a stage's headline
+    await metric.waitFor({ timeout: 60000 });
+    const assistant = page.getByText("MLflow Assistant");  // MLflow 3.17 opens its chat panel beside the table
+    if (await assistant.count()) {
+      await assistant.locator("xpath=ancestor::*[.//button][1]").getByRole("button").last().click();
+    }
+    await page.getByText("Parameters", { exact: true }).last().scrollIntoViewIfNeeded();
     await page.waitForTimeout(1500);
-    await page.screenshot({ path: `${out}/mlflow-compare.png`, fullPage: true });
+    await page.screenshot({ path: `${out}/mlflow-compare.png` });
     console.log(`mlflow: compared ${parents.map((r) => r.info.run_name).join(" and ")}`);
   }
 } catch (err) {
