@@ -41,9 +41,11 @@ try {
   await page.goto(`${prefect}/deployments/deployment/${pretrain.id}`);
   await page.getByRole("button", { name: "Run", exact: true }).click();
   await page.getByText("Custom run").click();
-  await page.getByText("configs/tiny.yaml").first().waitFor({ timeout: 30000 });
-  await page.getByText("configs/tiny.yaml").first().click();  // the config dropdown offers the shipped configs
-  await page.getByText("configs/micro.yaml", { exact: true }).last().click();
+  // the config field is a dropdown of the shipped configs (Prefect's select opens from the keyboard here)
+  const configs = page.locator('button.p-select-button__control:has-text("configs/tiny.yaml")');
+  await configs.click();
+  await page.keyboard.press("ArrowDown");
+  await page.getByRole("option", { name: "configs/micro.yaml", exact: true }).click();
   await screenshot("custom-run-form");
   await page.getByRole("button", { name: "Submit" }).click();
   let run = null;
@@ -103,8 +105,10 @@ try {
   // 5. switch on a schedule in the UI, see its next run in Upcoming
   const data = await deployment("stage", "data");
   await page.goto(`${prefect}/deployments/deployment/${data.id}`);
-  await page.getByText("0 3 * * *").or(page.getByText("At 03:00")).first().waitFor({ timeout: 30000 });
-  await page.getByRole("switch").first().click();
+  const nightly = page.getByText("nightly-data-refresh", { exact: true }).first();
+  await nightly.waitFor({ timeout: 30000 });
+  await screenshot("schedule-paused");
+  await nightly.locator("xpath=..").getByRole("switch").click();
   for (let i = 0; i < 60; i++) {
     const runs = await api("/flow_runs/filter", { deployments: { id: { any_: [data.id] } },
       flow_runs: { state: { type: { any_: ["SCHEDULED"] } } }, limit: 1 });
