@@ -193,6 +193,7 @@ def execute(request: RunRequest, entry_point: str = "pipeline") -> dict[str, dic
         "v3flow.forced": ",".join(n for n in order if n in force),
         "mlflow.note.content": _describe(cfg.name, request, order),
     }
+    _close_orphans(uri, cfg.tracking.experiment)
     parent = tracking.start_run(uri, cfg.tracking.experiment, run_name, tags,
                                 tracking.flatten(cfg.model_dump(mode="json")))
     tracking.log_text(uri, parent, cfg.model_dump_json(indent=2), "config.json")
@@ -228,6 +229,29 @@ def execute(request: RunRequest, entry_point: str = "pipeline") -> dict[str, dic
     _pipeline_artifact(uri, parent)
     return {name: {"key": r.key, "out_dir": r.out_dir, "cached": name in cached,
                    "mlflow_run_id": r.mlflow_run_id, "metrics": r.metrics} for name, r in results.items()}
+
+
+def _close_orphans(uri: str, experiment: str) -> None:
+    """End as KILLED the MLflow runs left RUNNING by a pipeline whose process died without a word (SIGKILL, a lost
+    node): their Prefect flow run has ended (Prefect marks it CRASHED), so nothing will ever end them."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    running = tracking.running_runs(uri, experiment)
+    ended = set()
+    with get_client(sync_client=True) as client:
+        for flow_run_id in {r.data.tags.get("prefect.flow_run_id") for r in running} - {None, ""}:
+            try:
+                if client.read_flow_run(flow_run_id).state.is_final():
+                    ended.add(flow_run_id)
+            except ObjectNotFound:
+                continue
+    parents = {r.info.run_id for r in running if r.data.tags.get("prefect.flow_run_id") in ended}
+    for run in running:
+        if run.info.run_id in parents or run.data.tags.get(tracking.PARENT_TAG) in parents:
+            tracking.set_tags(uri, run.info.run_id, {"v3flow.closed_by": "a later pipeline run: its flow run ended "
+                                                     "without ending it (process killed)"})
+            tracking.end_run(uri, run.info.run_id, "KILLED")
 
 
 def _champion(uri: str, model: str, cfg: registry.RegistryConfig, wires: dict[str, dict[str, str]],

@@ -158,7 +158,7 @@ def _reuse(stage: str, cached: StageResult, cfg: PipelineConfig, uri: str, tags:
     run. A producing run that this tracking server does not hold (a workdir made elsewhere) leaves the final
     metrics only."""
     source_id = cached.mlflow_run_id
-    producer = _run_on(uri, source_id)
+    producer = tracking.find_run(uri, source_id)
     run_id = tracking.start_run(uri, cfg.tracking.experiment, stage, {**tags, "v3flow.source_run_id": source_id or ""},
                                 params, parent_run_id)
     tracking.log_stage_inputs(uri, run_id, read)
@@ -171,18 +171,6 @@ def _reuse(stage: str, cached: StageResult, cfg: PipelineConfig, uri: str, tags:
     tracking.end_run(uri, run_id)
     _artifacts(stage, cached, uri, source_id if producer else run_id, note="reused from cache")
     return cached
-
-
-def _run_on(uri: str, run_id: str | None):
-    """The run `run_id` on this tracking server, or None."""
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return None
-    try:
-        return tracking.client(uri).get_run(run_id)
-    except MlflowException:
-        return None
 
 
 def _artifacts(stage: str, result: StageResult, uri: str, run_id: str, note: str = "") -> None:

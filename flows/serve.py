@@ -28,7 +28,7 @@ from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
-from v3flow.flows.pipeline import STAGES, extend, pipeline, posttrain, stage
+from v3flow.flows.pipeline import STAGES, RunRequest, extend, pipeline, posttrain, stage
 
 NIGHTLY_DATA = Cron("0 3 * * *", timezone="UTC", active=False, slug="nightly-data-refresh")
 NIGHTLY_SFT = Cron("0 4 * * *", timezone="UTC", active=False, slug="nightly-sft-on-newest-base")
@@ -36,13 +36,14 @@ NIGHTLY_SFT = Cron("0 4 * * *", timezone="UTC", active=False, slug="nightly-sft-
 
 def _upstream_request(force: bool = False) -> dict:
     """The parameters of a triggered run: the config and overrides of the run that triggered it (Prefect renders
-    the templates from the triggering flow run)."""
+    the templates from the triggering flow run; a form leaves out the fields it kept at their defaults)."""
     def jinja(template: str) -> dict:
         return {"__prefect_kind": "jinja", "template": template}
 
-    return {"config": jinja("{{ flow_run.parameters['request']['config'] }}"),
-            "overrides": {"__prefect_kind": "json", "value": jinja("{{ flow_run.parameters['request']['overrides'] "
-                                                                   "| tojson }}")},
+    request = "flow_run.parameters['request']"
+    default = RunRequest.model_fields["config"].default
+    return {"config": jinja(f"{{{{ {request}.get('config', '{default}') }}}}"),
+            "overrides": {"__prefect_kind": "json", "value": jinja(f"{{{{ {request}.get('overrides', []) | tojson }}}}")},
             "force": force}
 
 

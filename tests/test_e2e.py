@@ -365,6 +365,28 @@ def _cancel_pretraining(c: httpx.Client, env, workdir: Path) -> None:
     assert statuses["pretrain"] == "KILLED" and "RUNNING" not in statuses.values()
 
 
+def test_runs_a_killed_process_left_running_are_closed_by_the_next_run(servers):
+    """A flow run whose process was SIGKILLed ends CRASHED in Prefect (its runner says so) while its MLflow runs stay
+    RUNNING; the next pipeline run ends them KILLED. A run whose flow run is still going is left alone."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from v3flow import tracking
+    from v3flow.flows.pipeline import _close_orphans
+
+    uri, experiment = servers["MLFLOW_TRACKING_URI"], f"orphans-{uuid.uuid4().hex[:8]}"
+    with api(servers) as c:
+        flow_id = _ok(c.post("/flows/", json={"name": "orphan-check"}))["id"]
+        crashed, going = (_ok(c.post("/flow_runs/", json={"flow_id": flow_id, "state": {"type": state}}))["id"]
+                          for state in ("CRASHED", "RUNNING"))
+    dead = tracking.start_run(uri, experiment, "dead", {"prefect.flow_run_id": crashed}, {})
+    dead_stage = tracking.start_run(uri, experiment, "pretrain", {}, {}, parent_run_id=dead)
+    alive = tracking.start_run(uri, experiment, "alive", {"prefect.flow_run_id": going}, {})
+    with temporary_settings(updates={PREFECT_API_URL: servers["PREFECT_API_URL"]}):
+        _close_orphans(uri, experiment)
+    status = {run: tracking.get_run(uri, run).info.status for run in (dead, dead_stage, alive)}
+    assert status == {dead: "KILLED", dead_stage: "KILLED", alive: "RUNNING"}
+
+
 def test_an_active_schedule_creates_runs(servers):
     """Prefect's scheduler service turns an active schedule into scheduled flow runs (the UI's Upcoming tab).
     With SQLAlchemy 2.1 it failed every loop ("Can't evaluate bulk DML statement", visible only in the

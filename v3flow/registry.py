@@ -46,7 +46,7 @@ def register(uri: str, name: str, stage: str, result: StageResult, metrics: dict
     stage_key = f"{stage}:{result.key}"
     version = tracking.model_version_with_tag(uri, name, STAGE_KEY_TAG, stage_key)
     if version is None:
-        source = tracking.artifact_uri(uri, result.mlflow_run_id, f"{stage}/hf") if result.mlflow_run_id else None
+        source = tracking.artifact_uri(uri, result.mlflow_run_id, f"{stage}/hf")
         if source is None:
             return None
         tags = {"v3flow.stage": stage, STAGE_KEY_TAG: stage_key, "v3flow.config": config_name,

@@ -221,6 +221,13 @@ def run_env(run_id: str, uri: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def running_runs(uri: str, experiment: str) -> list:
+    """The runs of `experiment` that MLflow still shows RUNNING."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'") if exp else []
+
+
 def child_runs(uri: str, parent_run_id: str) -> list:
     c = client(uri)
     parent = c.get_run(parent_run_id)
@@ -230,15 +237,22 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 # The model registry: one registered model per config, a version per model artifact, aliases per stage.
 
 
-def artifact_uri(uri: str, run_id: str, path: str) -> str | None:
-    """Where `path` lies among `run_id`'s artifacts; None when this tracking server does not hold the run."""
+def find_run(uri: str, run_id: str | None):
+    """The run `run_id` on this tracking server, or None (no id, or a run another server holds)."""
     from mlflow.exceptions import MlflowException
 
+    if not run_id:
+        return None
     try:
-        root = client(uri).get_run(run_id).info.artifact_uri
+        return client(uri).get_run(run_id)
     except MlflowException:
         return None
-    return f"{root.rstrip('/')}/{path}"
+
+
+def artifact_uri(uri: str, run_id: str | None, path: str) -> str | None:
+    """Where `path` lies among `run_id`'s artifacts; None when this tracking server does not hold the run."""
+    run = find_run(uri, run_id)
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}" if run else None
 
 
 def model_version_with_tag(uri: str, name: str, key: str, value: str):

@@ -7,6 +7,9 @@ evaluation stages that already scored the models they read (so nothing is decode
 evaluation (passkey retrieval, loss in the longest position bucket) and the held-out task evaluation (greedy
 accuracy, pass@k, format). A cell stays empty where a model was not scored by that evaluator.
 
+`evaluation.models` adds any other model folder (an earlier run's export, a Hugging Face folder) to the same
+table, measured the same way.
+
 Input roles: one per model stage (`pretrain`, `extend_phase1`, ... : the role is the stage name), `val` (packed
 sequences with a validation split), `long` (long_eval) and `tasks` (task_eval). Which of long_eval's and
 task_eval's arms is which model comes from the pipeline's wiring (`long_arms`, `task_arms`).
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from v3flow.errors import ConfigError
 from v3flow.section import Section
 from v3flow.stage import StageResult
 
@@ -37,6 +41,9 @@ class EvaluateSettings(Section):
     micro_batch: int = Field(4, gt=0, description="Sequences per validation batch.")
     mtp_prompts: int = Field(16, ge=0, description="Prompts for MTP self-speculative acceptance (0: skip).")
     mtp_new_tokens: int = Field(32, gt=0, description="Tokens decoded per prompt for MTP acceptance.")
+    models: dict[str, str] = Field(default_factory=dict, description="More models to measure beside the chain, "
+                                   "name -> folder: a model stage's output, a Hugging Face folder or a checkpoint "
+                                   "(same architecture and tokenizer as the config's). Part of the stage's key.")
 
 
 class EvaluateConfig(EvaluateSettings):
@@ -50,6 +57,13 @@ LONG_COLUMNS = ("passkey_exact_match", "passkey_top1", "passkey_rank")
 TASK_COLUMNS = ("accuracy", "accuracy_stderr", "format_ok")
 
 
+def fingerprint(cfg: EvaluateConfig, resolve) -> str:
+    """The files of the extra models, when any: another model there is another evaluation."""
+    from v3flow.cache import files_fingerprint
+
+    return ",".join(f"{name}:{files_fingerprint(resolve(path))}" for name, path in sorted(cfg.models.items()))
+
+
 def run(cfg: EvaluateConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
     from v3flow.evaluation.language_model import loss_and_balance, mtp_acceptance
     from v3flow.training import artifact
@@ -57,13 +71,17 @@ def run(cfg: EvaluateConfig, out_dir: Path, inputs: dict[str, StageResult], reso
 
     out_dir.mkdir(parents=True, exist_ok=True)
     val = PackedSequences(Path(inputs["val"].outputs["manifest"]), "val")
-    models = [role for role in inputs if role not in EVALUATORS]
+    folders = {role: Path(r.outputs["model"]) for role, r in inputs.items() if role not in EVALUATORS}
+    clash = set(cfg.models) & set(folders)
+    if clash:
+        raise ConfigError(f"evaluation.models: {sorted(clash)} already name models of the chain; pick other names")
+    folders.update({name: resolve(path) for name, path in cfg.models.items()})
     long = inputs["long"].metrics if "long" in inputs else {}
     tasks = inputs["tasks"].metrics if "tasks" in inputs else {}
     long_bucket = _longest_bucket(long)
     rows, batches, mtp_rows, metrics = [], [], [], {}
-    for stage in models:
-        model = artifact.load_model(Path(inputs[stage].outputs["model"]))
+    for stage, folder in folders.items():
+        model = artifact.load_model(folder)
         scored = loss_and_balance(model, val, cfg.val_batches, cfg.micro_batch)
         m = dict(scored["metrics"])
         if cfg.mtp_prompts:

@@ -1,6 +1,6 @@
 // make e2e: the product used from both UIs in headless Chromium (Debian's), as a user would.
 //   1. Prefect: open stage/pretrain, Run -> Custom run, pick the micro config in the form, submit
-//   2. watch the flow run until the UI shows it Completed
+//   2. watch the flow run until the UI shows it Completed; its completion triggers extend/yarn-two-phases
 //   3. open its report card artifact and follow its link to the MLflow parent run
 //   4. MLflow: find the registered model's pretrain version by its alias
 //   5. Prefect: switch on the nightly data refresh and see its next run in the Upcoming tab
@@ -74,6 +74,32 @@ try {
   await page.getByText("Completed").first().waitFor({ timeout: 30000 });
   await screenshot("flow-run-completed");
   step("the UI shows it Completed");
+
+  // the shipped trigger: pretraining completed, so context extension starts with the same config
+  const extend = await deployment("extend", "yarn-two-phases");
+  let chained = null;
+  for (let i = 0; i < 120 && !chained; i++) {
+    [chained] = await api("/flow_runs/filter", { deployments: { id: { any_: [extend.id] } },
+      sort: "EXPECTED_START_TIME_DESC", limit: 1 });
+    if (!chained) await sleep(1000);
+  }
+  if (!chained) throw new Error("pretraining completed but the trigger started no extension run in 2 minutes");
+  const request = chained.parameters.request;
+  if (request.config !== "configs/micro.yaml" || request.overrides.length || request.force) {
+    throw new Error(`the triggered extension run got ${JSON.stringify(request)}`);
+  }
+  for (let i = 0; ; i++) {
+    const state = (await api(`/flow_runs/${chained.id}`)).state.type;
+    if (["FAILED", "CRASHED", "CANCELLED"].includes(state)) throw new Error(`the triggered extension run ended ${state}`);
+    if (state === "COMPLETED") break;
+    if (i === 300) throw new Error("the triggered extension run did not finish in 10 minutes");
+    await sleep(2000);
+  }
+  await page.goto(`${prefect}/runs/flow-run/${chained.id}`);
+  await page.getByText("Completed").first().waitFor({ timeout: 30000 });
+  await screenshot("triggered-extension-completed");
+  step(`the trigger started extension run ${chained.name} with the same config; it completed`);
+  await page.goto(`${prefect}/runs/flow-run/${run.id}`);
 
   // 3. its report card artifact, and the link to MLflow
   await page.getByText("Artifacts", { exact: true }).first().click();

@@ -46,3 +46,15 @@ def test_an_artifact_evaluated_again_gives_the_trainers_own_mtp_acceptance(evalu
                                             "evaluation.mtp_new_tokens=64"]), ["evaluate"])["evaluate"]
     assert again.metrics["pretrain.mtp_acceptance_rate"] == pytest.approx(
         res["pretrain"].metrics["final_mtp_acceptance_rate"], abs=0.02)
+
+
+def test_any_model_folder_joins_the_table(evaluated, micro_workdir):
+    """evaluation.models adds a folder from outside the chain (here the pretrained model's Hugging Face export):
+    measured the same way, it matches the pretrained model's row."""
+    _, res = evaluated
+    hf = Path(res["pretrain"].outputs["hf"])
+    again = run_offline(load_config(MICRO, [f"workdir={micro_workdir}", f"evaluation.models={{exported: {hf}}}"]),
+                        ["evaluate"])["evaluate"]
+    assert again.key != res["evaluate"].key
+    assert again.metrics["exported.val_loss"] == pytest.approx(res["evaluate"].metrics["pretrain.val_loss"], rel=1e-5)
+    assert again.metrics["exported.maxvio_mean"] == pytest.approx(res["evaluate"].metrics["pretrain.maxvio_mean"])
