@@ -304,8 +304,10 @@ def test_deployment_run_from_the_api(servers, tmp_path):
             typo = {"parameters": {"request": {**params["request"], "config": "configs/mirco.yaml"}}}
             refused = c.post(f"/deployments/{deployment['id']}/create_flow_run", json=typo)
             assert refused.status_code == 409 and "configs/micro.yaml" in refused.text  # refused before it is queued
-            typo_override = {"parameters": {"request": {**params["request"], "overrides": ["data.minhash.rowz=3"]}}}
-            bad = _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json=typo_override))
+            typo_override = {"parameters": {"request": {**params["request"], "overrides": ["data.minhash.rowz=3"]}},
+                             "idempotency_key": uuid.uuid4().hex}
+            bad = _wait_for(lambda: _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json=typo_override)),
+                            30)
             body = {"parameters": params, "idempotency_key": uuid.uuid4().hex}  # a retried POST runs once
             run = _wait_for(lambda: _ok(c.post(f"/deployments/{deployment['id']}/create_flow_run", json=body)), 30)
             state = _wait_for(lambda: _final_state(c, run["id"]), 420)
@@ -313,7 +315,7 @@ def test_deployment_run_from_the_api(servers, tmp_path):
             assert list(tmp_path.glob("data/*/result.json"))
             # a bad override fails its run with the one-line cause as the state message, no traceback first
             assert _wait_for(lambda: _final_state(c, bad["id"]), 120) == "FAILED"
-            message = _ok(c.get(f"/flow_runs/{bad['id']}"))["state"]["message"]
+            message = _wait_for(lambda: _ok(c.get(f"/flow_runs/{bad['id']}")), 30)["state"]["message"]
             assert message.startswith("ConfigError: invalid config") and "[from the override data.minhash.rowz=3]" in message
             # what a user does in the UI: switch the nightly refresh on, add a schedule of their own
             nightly = deployment["schedules"][0]["id"]
