@@ -81,10 +81,6 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
-def git_commit(root: Path) -> str:
-    return _git(root, "rev-parse", "HEAD") or "unknown"
-
-
 def source_tags(root: Path, entry_point: str) -> dict[str, str]:
     """MLflow's standard source tags (its UI's Source and Git commit fields) for code run from `root`."""
     tags = {"mlflow.source.type": "JOB", "mlflow.source.name": entry_point}
