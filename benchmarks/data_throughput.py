@@ -18,9 +18,9 @@ from pathlib import Path
 
 from record import record
 
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.section import section_hash
-from v3flow.stages.data import run
+from stages.data import run
 
 STEPS = ["read_filter", "exact_dedup", "minhash_dedup", "train_tokenizer", "tokenize", "pack"]
 

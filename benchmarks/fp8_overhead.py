@@ -15,7 +15,7 @@ import argparse
 
 from pretrain_speed import data_outputs, machine_name, measure
 
-from v3flow.flows.config import load_config
+from flows.config import load_config
 
 
 def main() -> None:

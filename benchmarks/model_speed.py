@@ -21,7 +21,7 @@ import time
 import torch
 from record import record
 
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.hf_format import hf_config
 from v3flow.model.transformer import Transformer
 

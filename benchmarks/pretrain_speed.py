@@ -21,13 +21,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from v3flow.flows.config import load_config
+from flows.config import load_config
 
 
 def data_outputs(cfg, args) -> dict:
     if args.manifest:
         return {"manifest": args.manifest, "tokenizer": args.tokenizer}
-    from v3flow.flows.pipeline import run_offline
+    from flows.pipeline import run_offline
 
     return run_offline(cfg, ["pack"])["pack"].outputs
 
@@ -35,7 +35,7 @@ def data_outputs(cfg, args) -> dict:
 def measure(cfg, data: dict, steps: int) -> dict:
     """Train `steps` steps at the full batch; the median tokens/s and MFU of the 5-step windows after the first,
     and the precision the trainer chose."""
-    from v3flow.stages.pretrain import launch
+    from stages.pretrain import launch
 
     s = cfg.pretrain.schedule
     schedule = s.model_copy(update={"total_tokens": steps * s.batch_end * cfg.data.packing.seq_len,

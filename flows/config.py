@@ -16,14 +16,14 @@ from v3flow.config import Section, deep_merge, load
 from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.registry import RegistryConfig
-from v3flow.stages.data.config import DataConfig, expand_sources
-from v3flow.stages.distill.config import DistillConfig
-from v3flow.stages.evaluate import EvaluateSettings
-from v3flow.stages.extend.config import ExtensionConfig
-from v3flow.stages.grpo.config import GrpoConfig
-from v3flow.stages.pretrain.config import PretrainConfig
-from v3flow.stages.sft.config import SftConfig
-from v3flow.stages.task_eval import TaskEvalSettings
+from stages.data.config import DataConfig, expand_sources
+from stages.distill.config import DistillConfig
+from stages.evaluate import EvaluateSettings
+from stages.extend.config import ExtensionConfig
+from stages.grpo.config import GrpoConfig
+from stages.pretrain.config import PretrainConfig
+from stages.sft.config import SftConfig
+from stages.task_eval import TaskEvalSettings
 from v3flow.tasks import TaskConfig
 from v3flow.tasks.arithmetic import ArithmeticSettings
 

@@ -25,21 +25,21 @@ from pydantic import BaseModel, Field
 
 from v3flow import cache, registry, report_card, tracking
 from v3flow.errors import ConfigError, V3flowError
-from v3flow.flows.config import PipelineConfig, load_config
-from v3flow.flows.runner import StageSpec, end_status, key_parts, run_stage
+from flows.config import PipelineConfig, load_config
+from flows.runner import StageSpec, end_status, key_parts, run_stage
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
-from v3flow.stages import data as data_stage
-from v3flow.stages import distill as distill_stage
-from v3flow.stages import evaluate as evaluate_stage
-from v3flow.stages import extend as extend_stage
-from v3flow.stages import grpo as grpo_stage
-from v3flow.stages import pack as pack_stage
-from v3flow.stages import pretrain as pretrain_stage
-from v3flow.stages import sft as sft_stage
-from v3flow.stages import task_eval as task_eval_stage
-from v3flow.stages.extend import evaluate as long_eval_stage
-from v3flow.stages.pretrain.config import PretrainStageConfig
+from stages import data as data_stage
+from stages import distill as distill_stage
+from stages import evaluate as evaluate_stage
+from stages import extend as extend_stage
+from stages import grpo as grpo_stage
+from stages import pack as pack_stage
+from stages import pretrain as pretrain_stage
+from stages import sft as sft_stage
+from stages import task_eval as task_eval_stage
+from stages.extend import evaluate as long_eval_stage
+from stages.pretrain.config import PretrainStageConfig
 
 TRAINING_LIBRARIES = ("torch", "accelerate", "transformers", "safetensors", "numpy")
 POSTTRAIN_LIBRARIES = (*TRAINING_LIBRARIES, "trl", "datasets", "tokenizers")

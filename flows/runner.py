@@ -24,7 +24,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed
 
 from v3flow import cache, tracking
-from v3flow.flows.config import PipelineConfig
+from flows.config import PipelineConfig
 from v3flow.section import Section
 from v3flow.stage import RESULT_FILE, StageResult, chain_lineage
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 from v3flow import cache
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, wiring
-from v3flow.flows.runner import dry_run
+from flows.config import load_config
+from flows.pipeline import STAGES, wiring
+from flows.runner import dry_run
 from v3flow.stage import StageResult
 
 
@@ -61,10 +61,10 @@ def test_the_checkout_and_the_installed_package_hash_the_same_code():
     for spec in STAGES.values():
         name = spec.module.__name__
         assert cache.code_hashes(name) == cache.code_hashes(name, cache.in_checkout(ROOT))
-    pretrain = cache.code_hashes("v3flow.stages.pretrain")
+    pretrain = cache.code_hashes("stages.pretrain")
     assert {"v3flow.model.moe", "v3flow.model.fp8", "v3flow.training.checkpoint"} <= pretrain.keys()
     assert not any(m.startswith(("v3flow.tracking", "v3flow.servers")) for m in pretrain)
-    assert not any(m.startswith("v3flow.stages.pretrain") for m in cache.code_hashes("v3flow.stages.data"))
+    assert not any(m.startswith("stages.pretrain") for m in cache.code_hashes("stages.data"))
 
 
 def test_a_miss_is_explained():

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import MICRO, TINY
 from v3flow.cli import main
 from v3flow.errors import ConfigError
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.section import section_hash
 
 

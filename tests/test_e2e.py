@@ -379,7 +379,7 @@ def test_runs_a_killed_process_left_running_are_closed_by_the_next_run(servers):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from v3flow import tracking
-    from v3flow.flows.pipeline import _close_orphans
+    from flows.pipeline import _close_orphans
 
     uri, experiment = servers["MLFLOW_TRACKING_URI"], f"orphans-{uuid.uuid4().hex[:8]}"
     with api(servers) as c:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import ROOT
 from v3flow.errors import ConfigError
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.args import ModelConfig
 
 V3 = ROOT / "configs" / "deepseek-v3-671b.yaml"
@@ -75,7 +75,7 @@ def test_pretraining_recipe(cfg):  # §3.3 FP8, §4.2 hyperparameters
 
 
 def test_context_extension_recipe(cfg):  # §4.3
-    from v3flow.flows.pipeline import STAGES
+    from flows.pipeline import STAGES
 
     e = cfg.extension
     assert (e.yarn.factor, e.yarn.beta_slow, e.yarn.beta_fast, e.yarn.original_seq_len) == (40, 1, 32, 4096)

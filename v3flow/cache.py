@@ -33,7 +33,8 @@ from pathlib import Path
 
 KEY_FILE = "key.json"
 # v3flow modules that cannot change a stage's outputs: reporting, servers, the CLI, orchestration.
-REPORTING = ("v3flow.tracking", "v3flow.servers", "v3flow.cli", "v3flow.errors", "v3flow.flows", "v3flow.cache")
+REPORTING = ("v3flow.tracking", "v3flow.servers", "v3flow.cli", "v3flow.errors", "v3flow.cache", "flows")
+PACKAGES = ("v3flow", "stages", "flows")  # the project's import packages: each is the folder of its name
 
 Locate = Callable[[str], Path | None]  # module name -> its source file (a package: its __init__.py)
 
@@ -48,16 +49,13 @@ def installed(name: str) -> Path | None:
 
 
 def in_checkout(root: Path) -> Locate:
-    """Module files in a source checkout laid out as this repository (v3flow.stages -> stages/, v3flow.flows ->
-    flows/, the rest under v3flow/), e.g. a scratch copy that is not installed."""
+    """Module files in a source checkout that is not installed (e.g. a scratch copy): a module's file is its
+    dotted name as a path under `root`, the one rule the installed packages follow too."""
 
     def locate(name: str) -> Path | None:
-        parts = name.split(".")
-        if parts[0] != "v3flow":
+        if name.split(".")[0] not in PACKAGES:
             return None
-        base, rest = (root / parts[1], parts[2:]) if parts[1:2] in (["stages"], ["flows"]) else (root / "v3flow",
-                                                                                                  parts[1:])
-        path = base.joinpath(*rest)
+        path = root.joinpath(*name.split("."))
         for candidate in (path / "__init__.py", path.with_suffix(".py")):
             if candidate.is_file():
                 return candidate
@@ -71,7 +69,7 @@ def _reporting(name: str) -> bool:
 
 
 def _imports(path: Path) -> set[str]:
-    """v3flow modules (or `module.name` candidates) imported anywhere in a file, including inside functions."""
+    """Project modules (or `module.name` candidates) imported anywhere in a file, including inside functions."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
@@ -79,7 +77,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
-    return {n for n in names if n.split(".")[0] == "v3flow"}
+    return {n for n in names if n.split(".")[0] in PACKAGES}
 
 
 def code_files(package: str, locate: Locate = installed) -> dict[str, Path]:

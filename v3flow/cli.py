@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from v3flow.flows.config import load_config
+    from flows.config import load_config
     from v3flow.section import section_hash
 
     cfg = load_config(args.config, args.overrides)
@@ -77,14 +77,14 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from v3flow import servers
-    from v3flow.flows.config import load_config
+    from flows.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # reject a bad config before starting anything
     if args.dry_run:
         return _dry_run(cfg, args)
     urls = servers.ensure_for_run(cfg.tracking.tracking_uri)
     os.environ.setdefault("V3FLOW_PROJECT", cfg.project_root or str(Path.cwd()))
-    from v3flow.flows.pipeline import RunRequest, pipeline, plan, wiring
+    from flows.pipeline import RunRequest, pipeline, plan, wiring
 
     plan(args.stages, wiring(cfg))  # unknown stages or inputs are an error before the flow run starts
     request = RunRequest(config=str(Path(args.config).resolve()), overrides=args.overrides,
@@ -104,8 +104,8 @@ def cmd_run(args) -> int:
 
 
 def _dry_run(cfg, args) -> int:
-    from v3flow.flows.pipeline import STAGES, plan, wiring
-    from v3flow.flows.runner import dry_run
+    from flows.pipeline import STAGES, plan, wiring
+    from flows.runner import dry_run
 
     wires = wiring(cfg)
     rows = dry_run([STAGES[name] for name in plan(args.stages, wires)], wires, cfg)
@@ -125,7 +125,7 @@ def _dry_run(cfg, args) -> int:
 
 
 def cmd_params(args) -> int:
-    from v3flow.flows.config import load_config
+    from flows.config import load_config
     from v3flow.model.params import report
 
     cfg = load_config(args.config, args.overrides, require_set=False)  # reads the model only
@@ -148,7 +148,7 @@ def cmd_serve(args) -> int:
 
     servers.ensure_for_run()
     os.environ.setdefault("V3FLOW_PROJECT", str(Path.cwd()))
-    from v3flow.flows.serve import serve_deployments
+    from flows.serve import serve_deployments
 
     serve_deployments()
     return 0

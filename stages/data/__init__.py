@@ -8,7 +8,7 @@ or Ray). Packing into training sequences is the `pack` stage's (stages/pack), ca
 corpus at another sequence length (context extension) neither reruns MinHash nor retrains the tokenizer.
 Run it on its own with
 
-    python -m v3flow.stages.data configs/tiny.yaml OUT_DIR
+    python -m stages.data configs/tiny.yaml OUT_DIR
 
 Layout of the output folder:
     quarantine/        bad input records with file, line and reason
@@ -31,9 +31,9 @@ from pathlib import Path
 from v3flow.cache import files_fingerprint
 from v3flow.errors import DataError
 from v3flow.stage import StageResult
-from v3flow.stages.data import bpe, readers, report, steps
-from v3flow.stages.data.config import DataConfig
-from v3flow.stages.data.quality import Normalizer, QualityFilter
+from stages.data import bpe, readers, report, steps
+from stages.data.config import DataConfig
+from stages.data.quality import Normalizer, QualityFilter
 
 STAGE = "data"
 

@@ -15,7 +15,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from v3flow.stages.data.config import FilterConfig, NormalizeConfig
+from stages.data.config import FilterConfig, NormalizeConfig
 
 _TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
 # DeepSeek's special tokens must never occur in raw text: the tokenizer would encode them as control tokens.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from v3flow.stages.data.config import DataConfig
-from v3flow.stages.data.readers import read_documents
+from stages.data.config import DataConfig
+from stages.data.readers import read_documents
 
 
 def _step(stats: list[dict], kind: str) -> dict:

@@ -36,7 +36,7 @@ from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
 from v3flow.errors import DataError
-from v3flow.stages.data.config import ExecutorSettings, MinhashSettings
+from stages.data.config import ExecutorSettings, MinhashSettings
 
 
 def doc_text(doc: Document) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 from v3flow.cache import files_fingerprint
 from v3flow.section import Section
 from v3flow.stage import StageResult
-from v3flow.stages.distill import teachers
-from v3flow.stages.distill.config import DistillConfig, HFTeacher
+from stages.distill import teachers
+from stages.distill.config import DistillConfig, HFTeacher
 from v3flow.tasks import TaskConfig, build
 from v3flow.tasks.base import CORRECT
 

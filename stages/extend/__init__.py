@@ -21,11 +21,11 @@ from v3flow.errors import ConfigError
 from v3flow.model.args import ModelConfig
 from v3flow.section import Section, section_hash
 from v3flow.stage import StageResult
-from v3flow.stages.data.config import PackingSettings
-from v3flow.stages.extend.config import ExtensionConfig
-from v3flow.stages.pretrain import train
-from v3flow.stages.pretrain.config import PretrainConfig
-from v3flow.stages.pretrain.schedule import ScheduleConfig
+from stages.data.config import PackingSettings
+from stages.extend.config import ExtensionConfig
+from stages.pretrain import train
+from stages.pretrain.config import PretrainConfig
+from stages.pretrain.schedule import ScheduleConfig
 from v3flow.training import artifact
 
 Phase = Literal["phase1", "phase2"]

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from v3flow.model.args import YarnConfig
 from v3flow.section import Section
-from v3flow.stages.pretrain.config import AttentionKernel, Recompute
+from stages.pretrain.config import AttentionKernel, Recompute
 
 
 class PhaseSettings(Section):

@@ -35,9 +35,9 @@ from v3flow.model.attention import set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.section import Section
 from v3flow.stage import StageResult
-from v3flow.stages.extend.config import ExtensionConfig, LongEvalSettings
-from v3flow.stages.pack.packing import read_ds_documents
-from v3flow.stages.pretrain.config import AttentionKernel
+from stages.extend.config import ExtensionConfig, LongEvalSettings
+from stages.pack.packing import read_ds_documents
+from stages.pretrain.config import AttentionKernel
 from v3flow.training import artifact
 from v3flow.training.data import PackedSequences
 

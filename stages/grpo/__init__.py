@@ -11,8 +11,8 @@ from pathlib import Path
 
 from v3flow.section import Section, section_hash
 from v3flow.stage import StageResult
-from v3flow.stages.grpo import trainer
-from v3flow.stages.grpo.config import GrpoConfig
+from stages.grpo import trainer
+from stages.grpo.config import GrpoConfig
 from v3flow.tasks import TaskConfig, build
 from v3flow.training import posttrain
 

@@ -1,6 +1,6 @@
 """The GRPO trainer process: TRL's GRPOTrainer on the input model's Hugging Face export, rewards from the task.
 
-    python -m v3flow.stages.grpo.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+    python -m stages.grpo.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
 
 Each step samples G completions for each of `prompts_per_step` questions, scores them with the task's rule-based
 rewards, normalises the rewards within each group, and takes one clipped policy-gradient step with the KL to the
@@ -48,7 +48,7 @@ def main(run_dir: Path) -> None:
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from v3flow.stages.grpo.config import GrpoConfig as Recipe
+    from stages.grpo.config import GrpoConfig as Recipe
     from v3flow.tasks import TaskConfig, build
     from v3flow.tasks.rewards import bind
     from v3flow.training import posttrain

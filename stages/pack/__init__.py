@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from v3flow.stage import StageResult
-from v3flow.stages.data.config import PackingSettings
-from v3flow.stages.pack import packing
+from stages.data.config import PackingSettings
+from stages.pack import packing
 
 STAGE = "pack"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from v3flow.stages.data.bpe import file_sha256
-from v3flow.stages.data.config import PackingSettings
+from stages.data.bpe import file_sha256
+from stages.data.config import PackingSettings
 
 TOKEN_DTYPE = np.uint32
 

@@ -24,7 +24,7 @@ from v3flow.cache import files_fingerprint
 from v3flow.model.args import ModelConfig
 from v3flow.section import section_hash
 from v3flow.stage import StageResult, chain_lineage
-from v3flow.stages.pretrain.config import PretrainConfig, PretrainStageConfig
+from stages.pretrain.config import PretrainConfig, PretrainStageConfig
 from v3flow.training import artifact, checkpoint
 from v3flow.training import launch as training
 from v3flow.training.launch import TrainingError
@@ -37,7 +37,7 @@ STAGE = "pretrain"
 def launch(p: PretrainConfig, run_dir: Path, env: dict | None = None, resolve=Path, stage: str = STAGE) -> None:
     """Run the trainer (trainer.py) on run_dir/run.json under the configured launcher; every training stage
     (pretraining, context extension) trains through here."""
-    from v3flow.stages.pretrain import trainer  # imported, not named, so the trainer's code is in callers' keys
+    from stages.pretrain import trainer  # imported, not named, so the trainer's code is in callers' keys
 
     training.launch(trainer.__name__, run_dir, p.num_processes, p.launcher,
                     resolve(p.accelerate_config) if p.accelerate_config else None, env, prefix=f"[{stage}]",

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from v3flow.section import Section
-from v3flow.stages.pretrain.schedule import ScheduleConfig
+from stages.pretrain.schedule import ScheduleConfig
 
 
 class GuardConfig(Section):

@@ -1,6 +1,6 @@
 """The pretraining loop, on accelerate. One process on CPU by default; several with torchrun / accelerate launch.
 
-    python -m v3flow.stages.pretrain.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+    python -m stages.pretrain.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
 
 Each step: the schedule gives the global batch (sequences), learning rate, lambda, gamma and alpha; every
 process takes its slice of the global batch and accumulates micro-batches; the losses are averaged
@@ -30,7 +30,7 @@ from v3flow.evaluation.language_model import mtp_acceptance
 from v3flow.model.args import ModelConfig
 from v3flow.model.attention import set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer, checkpoint_activations
-from v3flow.stages.pretrain.config import PretrainConfig
+from stages.pretrain.config import PretrainConfig
 from v3flow.training import artifact, checkpoint, precision
 from v3flow.training.data import PackedSequences
 from v3flow.training.monitor import Monitor

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from v3flow.section import section_hash
 from v3flow.stage import StageResult
-from v3flow.stages.sft import trainer
-from v3flow.stages.sft.config import SftConfig
+from stages.sft import trainer
+from stages.sft.config import SftConfig
 from v3flow.training import posttrain
 
 STAGE = "sft"

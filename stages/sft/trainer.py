@@ -1,6 +1,6 @@
 """The SFT trainer process: TRL's SFTTrainer on the input model's Hugging Face export.
 
-    python -m v3flow.stages.sft.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+    python -m stages.sft.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
 
 Prompt-completion conversations rendered with the tokenizer's chat template (DeepSeek's special tokens), loss on
 the completion only, samples packed best-fit into `max_length` sequences with their own position ids, which
@@ -20,7 +20,7 @@ def main(run_dir: Path) -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from v3flow.stages.sft.config import SftConfig as Recipe
+    from stages.sft.config import SftConfig as Recipe
     from v3flow.training import posttrain
 
     spec = json.loads((run_dir / "run.json").read_text())

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from tests.conftest import MICRO
 from v3flow.evaluation import long_context as lc
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.generate import greedy
 from v3flow.model.transformer import Transformer
-from v3flow.stages.data.bpe import train_bpe
+from stages.data.bpe import train_bpe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HAYSTACK = [(STDLIB / name).read_text() for name in ("json/decoder.py", "json/encoder.py", "textwrap.py")]

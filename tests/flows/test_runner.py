@@ -9,9 +9,9 @@ from prefect.states import Completed, Failed
 
 from tests.conftest import MICRO
 from v3flow.errors import ConfigError
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, plan, wiring
-from v3flow.flows.runner import _transient, stage_key
+from flows.config import load_config
+from flows.pipeline import STAGES, plan, wiring
+from flows.runner import _transient, stage_key
 
 
 def test_only_transient_io_errors_retry():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.transformer import Transformer
 
 

@@ -18,7 +18,7 @@ def moe_layer(model):
 @given(seed=st.integers(0, 10_000))
 def test_bias_changes_choice_but_not_gate_values(seed):
     from tests.conftest import MICRO
-    from v3flow.flows.config import load_config
+    from flows.config import load_config
 
     cfg = load_config(MICRO).model
     torch.manual_seed(seed)

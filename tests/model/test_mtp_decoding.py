@@ -13,7 +13,7 @@ from v3flow.model.transformer import Transformer
 def trained(request):
     """A micro model trained for a few seconds on sequences that follow a fixed random permutation."""
     from tests.conftest import MICRO
-    from v3flow.flows.config import load_config
+    from flows.config import load_config
 
     cfg = load_config(MICRO).model
     torch.manual_seed(0)

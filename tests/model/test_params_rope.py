@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.args import ModelConfig, YarnConfig
 from v3flow.model.params import count_parameters, kv_cache_size
 from v3flow.model.rope import inv_frequencies

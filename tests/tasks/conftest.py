@@ -11,7 +11,7 @@ def tiny_tokenizer(tmp_path_factory):
     """Our BPE (v3flow's pre-tokenizer and special tokens) trained on a slice of the standard library."""
     from transformers import AutoTokenizer
 
-    from v3flow.stages.data import bpe
+    from stages.data import bpe
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
     tok = bpe.train_bpe((f.read_text(errors="ignore") for f in files), vocab_size=1024, min_frequency=2,

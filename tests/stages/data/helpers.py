@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.stages.data import run
-from v3flow.stages.data.config import SourceConfig
+from flows.config import load_config
+from stages.data import run
+from stages.data.config import SourceConfig
 
 
 def run_on_jsonl(folder: Path, out: Path, overrides: list[str] = ()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.stages.data.helpers import run_on_jsonl, write_jsonl
-from v3flow.stages.data.readers import read_documents
+from stages.data.readers import read_documents
 
 GOOD = "".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(20))  # passes every quality filter
 

@@ -9,11 +9,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.stages.data import run
-from v3flow.stages.data.readers import read_documents
-from v3flow.stages.data.steps import split_of
-from v3flow.stages.pack.packing import read_ds_documents
+from flows.config import load_config
+from stages.data import run
+from stages.data.readers import read_documents
+from stages.data.steps import split_of
+from stages.pack.packing import read_ds_documents
 
 
 @pytest.fixture(scope="module")

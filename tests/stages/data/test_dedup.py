@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.stages.data.helpers import run_on_jsonl, write_jsonl
-from v3flow.stages.data.readers import read_documents
+from stages.data.readers import read_documents
 
 
 def vocabulary() -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tests.conftest import MICRO
 from tests.stages.data.helpers import write_jsonl
-from v3flow.flows.config import load_config
-from v3flow.stages.data import run
-from v3flow.stages.data.config import SourceConfig
+from flows.config import load_config
+from stages.data import run
+from stages.data.config import SourceConfig
 
 
 def corpus(prefix: str, n: int) -> list[dict]:

@@ -6,8 +6,8 @@ import json
 import shutil
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.stages.data import run
+from flows.config import load_config
+from stages.data import run
 
 
 def test_rerun_after_interruption_resumes_and_matches(tmp_path):

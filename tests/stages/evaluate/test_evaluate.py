@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import MODEL_STAGES, run_offline
+from flows.config import load_config
+from flows.pipeline import MODEL_STAGES, run_offline
 
 
 @pytest.fixture(scope="module")

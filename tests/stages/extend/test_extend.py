@@ -12,13 +12,13 @@ from tests.conftest import MICRO
 from tests.stages.pretrain.conftest import losses
 from v3flow.errors import ConfigError
 from v3flow.evaluation import long_context as lc
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, run_offline
+from flows.config import load_config
+from flows.pipeline import STAGES, run_offline
 from v3flow.model.rope import inv_frequencies, rope_tables
 from v3flow.model.transformer import Transformer
-from v3flow.stages import extend
-from v3flow.stages.extend.evaluate import windowed_losses
-from v3flow.stages.pretrain import TrainingError
+from stages import extend
+from stages.extend.evaluate import windowed_losses
+from stages.pretrain import TrainingError
 
 
 @pytest.fixture(scope="module")

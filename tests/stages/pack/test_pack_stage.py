@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, run_offline, wiring
-from v3flow.flows.runner import dry_run
-from v3flow.stages.pack.packing import unigram_entropy
+from flows.config import load_config
+from flows.pipeline import STAGES, run_offline, wiring
+from flows.runner import dry_run
+from stages.pack.packing import unigram_entropy
 
 
 @pytest.fixture(scope="module")

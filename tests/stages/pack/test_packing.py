@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v3flow.stages.pack.packing import FimTokens, Packer, apply_fim, read_ds_documents
+from stages.pack.packing import FimTokens, Packer, apply_fim, read_ds_documents
 
 EOS, PAD = 1, 2
 FIM = FimTokens(begin=4, hole=3, end=5, eos=EOS)
@@ -50,7 +50,7 @@ def test_fim_keeps_every_token_in_psm_order(doc, seed):
 
 
 def test_fim_rate_is_respected(tmp_path):
-    from v3flow.stages.pack.packing import pack_split
+    from stages.pack.packing import pack_split
 
     docs = as_docs([[10 + i % 50] * 20 for i in range(2000)])
     ds = tmp_path / "000.ds"
@@ -70,7 +70,7 @@ def write_ds(path, docs: list[np.ndarray]) -> None:
 def test_long_documents_are_upsampled_to_their_share(tmp_path):
     """Context extension's data: long documents repeated (whole copies, seeded) until they hold `long_share`
     of the tokens; short ones kept once; the order shuffled; nothing dropped."""
-    from v3flow.stages.pack.packing import upsampled_order
+    from stages.pack.packing import upsampled_order
 
     short, long = as_docs([[11] * 49] * 300), as_docs([[12] * 499] * 6)  # 15,000 short and 3,000 long tokens
     write_ds(tmp_path / "a.ds", short[:150] + long[:3])
@@ -92,7 +92,7 @@ def test_long_documents_are_upsampled_to_their_share(tmp_path):
 
 
 def test_pack_split_with_upsampling_keeps_whole_documents(tmp_path):
-    from v3flow.stages.pack.packing import pack_split
+    from stages.pack.packing import pack_split
 
     docs = as_docs([[11] * 29] * 40) + as_docs([[12] * 199] * 2)
     write_ds(tmp_path / "a.ds", docs)

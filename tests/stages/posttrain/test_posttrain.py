@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import MICRO, ROOT
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import STAGES, run_offline, wiring
-from v3flow.flows.runner import stage_key
+from flows.config import load_config
+from flows.pipeline import STAGES, run_offline, wiring
+from flows.runner import stage_key
 from v3flow.training import artifact, posttrain
 from v3flow.training import launch as training
 
@@ -111,7 +111,7 @@ def test_a_killed_run_resumes_to_the_same_numbers(chain, tmp_path, capsys, stage
     and every later step matches a run that was never interrupted."""
     cfg = load_config(MICRO, [f"workdir={chain[0].workdir}", *overrides])
     out_dir = _out_dir(cfg, stage)
-    script = (f"from v3flow.flows.config import load_config\nfrom v3flow.flows.pipeline import run_offline\n"
+    script = (f"from flows.config import load_config\nfrom flows.pipeline import run_offline\n"
               f"if __name__ == '__main__':\n    run_offline(load_config({str(MICRO)!r}, "
               f"{[f'workdir={cfg.workdir}', *overrides]!r}), [{stage!r}])\n")
     (tmp_path / "run.py").write_text(script)
@@ -129,7 +129,7 @@ def test_a_killed_run_resumes_to_the_same_numbers(chain, tmp_path, capsys, stage
     for name in ("run.json", posttrain.TOKENIZER_DIR):
         copy = shutil.copytree if (out_dir / name).is_dir() else shutil.copy
         copy(out_dir / name, reference / name)
-    training.launch(f"v3flow.stages.{stage}.trainer", reference)
+    training.launch(f"stages.{stage}.trainer", reference)
     capsys.readouterr()
     run_offline(cfg, [stage])
     assert f"[{stage}] resuming from {out_dir / posttrain.TRAINER_DIR / 'checkpoint-2'}" in capsys.readouterr().out

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 from tests.conftest import MICRO, free_port
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import run_offline
-from v3flow.stages import distill
-from v3flow.stages.distill.config import HFTeacher, OpenAITeacher
+from flows.config import load_config
+from flows.pipeline import run_offline
+from stages import distill
+from stages.distill.config import HFTeacher, OpenAITeacher
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
-from v3flow.flows.pipeline import run_offline
-from v3flow.stages.pretrain.config import PretrainStageConfig
+from flows.config import load_config
+from flows.pipeline import run_offline
+from stages.pretrain.config import PretrainStageConfig
 
 
 @pytest.fixture(scope="session")

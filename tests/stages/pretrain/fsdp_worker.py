@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from tests.conftest import MICRO
-from v3flow.flows.config import load_config
+from flows.config import load_config
 from v3flow.model.transformer import Block, Transformer
 from v3flow.training import checkpoint
 from v3flow.training.optim import AdamW

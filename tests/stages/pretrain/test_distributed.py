@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.stages.pretrain.conftest import losses, write_run
-from v3flow.stages.pretrain import TrainingError, launch
+from stages.pretrain import TrainingError, launch
 from v3flow.training.checkpoint import latest
 
 ROOT = Path(__file__).parents[3]

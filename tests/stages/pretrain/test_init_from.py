@@ -10,8 +10,8 @@ import torch
 
 from tests.conftest import MICRO
 from tests.stages.pretrain.conftest import losses, write_run
-from v3flow.flows.config import load_config
-from v3flow.stages.pretrain import launch
+from flows.config import load_config
+from stages.pretrain import launch
 from v3flow.training import artifact, checkpoint
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.stages.pretrain.conftest import losses, write_run
-from v3flow.stages.pretrain import launch
+from stages.pretrain import launch
 from v3flow.training.checkpoint import latest
 from v3flow.training.optim import AdamW
 

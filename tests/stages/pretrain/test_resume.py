@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.stages.pretrain.conftest import losses, write_run
-from v3flow.stages.pretrain import TrainingError, launch
+from stages.pretrain import TrainingError, launch
 
 
 def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data):

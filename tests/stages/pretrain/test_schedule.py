@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from v3flow.stages.pretrain.schedule import ScheduleConfig
+from stages.pretrain.schedule import ScheduleConfig
 
 T = 14_800_000_000_000
 
