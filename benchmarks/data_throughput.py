@@ -19,8 +19,8 @@ from pathlib import Path
 from record import record
 
 from flows.config import load_config
-from v3flow.section import section_hash
 from stages.data import run
+from v3flow.section import section_hash
 
 STEPS = ["read_filter", "exact_dedup", "minhash_dedup", "train_tokenizer", "tokenize", "pack"]
 

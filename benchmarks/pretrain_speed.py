@@ -27,7 +27,7 @@ from flows.config import load_config
 def data_outputs(cfg, args) -> dict:
     if args.manifest:
         return {"manifest": args.manifest, "tokenizer": args.tokenizer}
-    from flows.pipeline import run_offline
+    from flows.executor import run_offline
 
     return run_offline(cfg, ["pack"])["pack"].outputs
 
@@ -35,7 +35,8 @@ def data_outputs(cfg, args) -> dict:
 def measure(cfg, data: dict, steps: int) -> dict:
     """Train `steps` steps at the full batch; the median tokens/s and MFU of the 5-step windows after the first,
     and the precision the trainer chose."""
-    from stages.pretrain import launch
+    from v3flow.training.spec import LoopSpec
+    from v3flow.training.train import run_loop
 
     s = cfg.pretrain.schedule
     schedule = s.model_copy(update={"total_tokens": steps * s.batch_end * cfg.data.packing.seq_len,
@@ -43,10 +44,9 @@ def measure(cfg, data: dict, steps: int) -> dict:
     pretrain = cfg.pretrain.model_copy(update={"schedule": schedule, "log_every": 5, "export_hf": False,
                                                "checkpoint_every": 10**9, "eval_every": 10**9})
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "run.json").write_text(json.dumps({
-            "model": cfg.model.model_dump(mode="json"), "pretrain": pretrain.model_dump(mode="json"),
-            "manifest": data["manifest"], "tokenizer": data["tokenizer"], "lineage": {}}))
-        launch(pretrain, Path(tmp), env={"MLFLOW_RUN_ID": ""})
+        LoopSpec(stage="pretrain", model=cfg.model, recipe=pretrain, manifest=data["manifest"],
+                 tokenizer=data["tokenizer"]).write(Path(tmp))
+        run_loop(pretrain, Path(tmp), env={"MLFLOW_RUN_ID": ""})
         windows = [r for r in map(json.loads, (Path(tmp) / "metrics.jsonl").read_text().splitlines())
                    if "tokens_per_s" in r][1:]
         chosen = json.loads((Path(tmp) / "run_params.json").read_text())

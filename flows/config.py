@@ -1,33 +1,28 @@
-"""The pipeline's config: each stage's section (its schema lives with its stage) composed into one
-`PipelineConfig`, with the checks that span sections. Loading and error reporting are v3flow/config.py's.
+"""The pipeline's config, composed from the recipe: every stage declares the YAML sections it reads (its
+`settings`, with their schemas, in its own module), and `PipelineConfig` is those sections under the few that
+belong to the whole run (name, seed, workdir, tracking, inputs). A nested path (`posttrain.sft`,
+`extension.eval`) adds a field to the section above it. Checks that span sections are the stages' too (`checks`)
+and run once the config is loaded. Loading and error reporting are v3flow/config.py's.
 
-Each section has a stable content hash (`section_hash`) that goes into the stage's cache key and lineage.
-Fields that cannot change a stage's outputs (how many workers run it, where) are left out of that hash, so
-moving a run from a laptop to Slurm reuses its results.
+Each stage's section has a stable content hash (`section_hash`) that goes into the stage's cache key and
+lineage. Fields that cannot change a stage's outputs (how many workers run it, where) are left out of that hash,
+so moving a run from a laptop to Slurm reuses its results.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model
 
-from v3flow.config import Section, deep_merge, load
+from flows.recipe import RECIPE
+from v3flow.config import Section, load
 from v3flow.errors import ConfigError
-from v3flow.model.args import ModelConfig
 from v3flow.registry import RegistryConfig
-from stages.data.config import DataConfig, expand_sources
-from stages.distill.config import DistillConfig
-from stages.evaluate import EvaluateSettings
-from stages.extend.config import ExtensionConfig
-from stages.grpo.config import GrpoConfig
-from stages.pretrain.config import PretrainConfig
-from stages.sft.config import SftConfig
-from stages.task_eval import TaskEvalSettings
-from v3flow.tasks import TaskConfig
-from v3flow.tasks.arithmetic import ArithmeticSettings
+from v3flow.stage import StageSpec
 
-__all__ = ["PipelineConfig", "PosttrainConfig", "TrackingConfig", "load_config"]
+__all__ = ["PipelineConfig", "TrackingConfig", "load_config"]
 
 
 class TrackingConfig(Section):
@@ -36,29 +31,13 @@ class TrackingConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
-class PosttrainConfig(Section):
-    """Post-training (report §5): the task, R1-style distillation, SFT, GRPO and their evaluation."""
-
-    task: TaskConfig = Field(default_factory=ArithmeticSettings)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    sft: SftConfig = Field(default_factory=SftConfig)
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
-    eval: TaskEvalSettings = Field(default_factory=TaskEvalSettings)
-
-
-class PipelineConfig(Section):
-    """The whole pipeline; one section per stage."""
+class RunConfig(Section):
+    """What belongs to the whole run; the stages' sections are added to it (`compose`)."""
 
     name: str
     seed: int = 1234
     workdir: str = Field("data/outputs", description="Stage outputs, content-addressed (relative: to the project).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    extension: ExtensionConfig = Field(default_factory=ExtensionConfig)
-    posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig)
-    evaluation: EvaluateSettings = Field(default_factory=EvaluateSettings)
     inputs: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Which stage fills a stage's input role where it is not the default, "
         "{stage: {role: providing stage}}: e.g. {sft: {model: pretrain}} when context extension is off. Checked "
@@ -67,42 +46,6 @@ class PipelineConfig(Section):
     # Set by the loader, not part of the YAML schema.
     source_file: str | None = Field(None, exclude=True)
     project_root: str | None = Field(None, exclude=True)
-
-    @model_validator(mode="after")
-    def _vocab_matches_tokenizer(self) -> PipelineConfig:
-        if self.model.vocab_size != self.data.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal "
-                             f"data.tokenizer.vocab_size={self.data.tokenizer.vocab_size}")
-        return self
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> PipelineConfig:
-        p = self.pretrain
-        unit = p.micro_batch * p.num_processes
-        if p.schedule.batch_start < unit:
-            raise ValueError(f"pretrain.schedule.batch_start={p.schedule.batch_start} is below micro_batch x "
-                             f"num_processes = {unit}")
-        if self.model.max_seq_len < self.data.packing.seq_len:
-            raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is below data.packing.seq_len="
-                             f"{self.data.packing.seq_len}")
-        return self
-
-    @model_validator(mode="after")
-    def _extension_starts_at_pretraining_length(self) -> PipelineConfig:
-        L, yarn = self.data.packing.seq_len, self.extension.yarn
-        if yarn.original_seq_len != L:
-            raise ValueError(f"extension.yarn.original_seq_len={yarn.original_seq_len} must equal the pretraining "
-                             f"length data.packing.seq_len={L}")
-        return self
-
-    @model_validator(mode="after")
-    def _pretraining_never_sees_held_out_problems(self) -> PipelineConfig:
-        task = self.posttrain.task
-        for i, src in enumerate(self.data.sources):
-            if src.task is not None and src.task.model_copy(update={"train_size": task.train_size}) != task:
-                raise ValueError(f"data.sources.{i}.task ({src.name}) differs from posttrain.task in more than "
-                                 "train_size: its documents could hold the held-out problems of the evaluation")
-        return self
 
     def workdir_path(self) -> Path:
         path = Path(self.workdir)
@@ -113,24 +56,50 @@ class PipelineConfig(Section):
         return p if p.is_absolute() else Path(self.project_root or ".") / p
 
 
-def _expand(raw: dict, root: Path, path: Path) -> None:
-    if isinstance(raw.get("data"), dict):
-        expand_sources(raw["data"], root, path)
-        posttrain = raw.get("posttrain") if isinstance(raw.get("posttrain"), dict) else {}
-        task = posttrain.get("task") if isinstance(posttrain.get("task"), dict) else {"name": "arithmetic"}
-        for source in raw["data"].get("sources") or []:
-            if isinstance(source, dict) and source.get("kind") == "task":  # posttrain.task, a train_size of its own
-                source["task"] = deep_merge(task, source.get("task") or {})
+def compose(specs: list[StageSpec], base: type[Section] = RunConfig, name: str = "PipelineConfig") -> type[Section]:
+    """`base` with every section the stages declare (path -> schema, or (schema, default factory | ...))."""
+    declared: dict[str, tuple[Any, Any]] = {}
+    for spec in specs:
+        for path, setting in spec.settings.items():
+            schema, default = setting if isinstance(setting, tuple) else (setting, setting)
+            if declared.setdefault(path, (schema, default))[0] != schema:
+                raise TypeError(f"stage {spec.name} declares section {path} as {schema}, another stage as "
+                                f"{declared[path][0]}")
+    return _model(name, base, declared)
+
+
+def _model(name: str, base: type[Section], declared: dict[str, tuple[Any, Any]]) -> type[Section]:
+    fields = {}
+    for key in dict.fromkeys(path.split(".")[0] for path in declared):
+        if key in base.model_fields:  # declared by its owner already (data.packing inside data)
+            continue
+        schema, default = declared.get(key, (Section, Section))  # undeclared: a section of nested ones only
+        nested = {p.removeprefix(f"{key}."): v for p, v in declared.items() if p.startswith(f"{key}.")}
+        if nested:  # the section with the nested ones added; its default is the composed section
+            composed = _model(f"{key.title()}Config" if schema is Section else schema.__name__, schema, nested)
+            schema, default = composed, (default if default is ... else composed)
+        fields[key] = (schema, Field(...) if default is ... else Field(default_factory=default))
+    return create_model(name, __base__=base, **fields)
+
+
+PipelineConfig = compose(RECIPE)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, require_set: bool = True) -> PipelineConfig:
-    """Load and validate a pipeline config (see v3flow/config.py); `require_set=False` lets placeholders
-    (`???`) through, for commands that only read the config (`v3flow params`)."""
-    cfg, root = load(PipelineConfig, path, overrides, require_set, _expand)
+    """Load and validate a pipeline config (see v3flow/config.py), then the stages' checks across sections;
+    `require_set=False` lets placeholders (`???`) through, for commands that only read the config
+    (`v3flow params`)."""
+    def expand(raw: dict, root: Path, file: Path) -> None:
+        for spec in RECIPE:
+            if spec.expand:
+                spec.expand(raw, root, file)
+
+    cfg, root = load(PipelineConfig, path, overrides, require_set, expand)
     cfg.source_file = str(Path(path).resolve())
     cfg.project_root = str(root)
-    accelerate_config = cfg.pretrain.accelerate_config
-    if require_set and cfg.pretrain.launcher == "accelerate" and not cfg.resolve(accelerate_config).is_file():
-        raise ConfigError(f"{cfg.source_file}: pretrain.accelerate_config={accelerate_config!r}: no such file "
-                          f"{cfg.resolve(accelerate_config)}")
+    for check in dict.fromkeys(check for spec in RECIPE for check in spec.checks):
+        try:
+            check(cfg)
+        except ValueError as err:
+            raise ConfigError(f"invalid config {cfg.source_file}:\n  {err}") from None
     return cfg

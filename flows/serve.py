@@ -28,7 +28,8 @@ from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
-from flows.pipeline import STAGES, RunRequest, extend, pipeline, posttrain, stage
+from flows.pipeline import RunRequest, extend, pipeline, posttrain, stage
+from flows.recipe import STAGES
 
 NIGHTLY_DATA = Cron("0 3 * * *", timezone="UTC", active=False, slug="nightly-data-refresh")
 NIGHTLY_SFT = Cron("0 4 * * *", timezone="UTC", active=False, slug="nightly-sft-on-newest-base")

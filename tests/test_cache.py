@@ -8,11 +8,11 @@ import threading
 import time
 from pathlib import Path
 
+from flows.config import load_config
+from flows.executor import dry_run
+from flows.recipe import STAGES, wiring
 from tests.conftest import ROOT
 from v3flow import cache
-from flows.config import load_config
-from flows.pipeline import STAGES, wiring
-from flows.runner import dry_run
 from v3flow.stage import StageResult
 
 
@@ -28,7 +28,7 @@ def scratch_copy(tmp_path: Path) -> Path:
 
 def keys(copy: Path) -> dict[str, str]:
     cfg = load_config(copy / "configs" / "micro.yaml", [f"workdir={copy / 'work'}"])
-    return {r["stage"]: r["key"] for r in dry_run(list(STAGES.values()), wiring(cfg), cfg, cache.in_checkout(copy))}
+    return {r["stage"]: r["key"] for r in dry_run(list(STAGES), wiring(cfg), cfg, cache.in_checkout(copy))}
 
 
 def touch(path: Path) -> None:
@@ -59,8 +59,7 @@ def test_code_edits_change_their_stage_and_downstream_keys_and_docs_do_not(tmp_p
 
 def test_the_checkout_and_the_installed_package_hash_the_same_code():
     for spec in STAGES.values():
-        name = spec.module.__name__
-        assert cache.code_hashes(name) == cache.code_hashes(name, cache.in_checkout(ROOT))
+        assert cache.code_hashes(spec.module) == cache.code_hashes(spec.module, cache.in_checkout(ROOT))
     pretrain = cache.code_hashes("stages.pretrain")
     assert {"v3flow.model.moe", "v3flow.model.fp8", "v3flow.training.checkpoint"} <= pretrain.keys()
     assert not any(m.startswith(("v3flow.tracking", "v3flow.servers")) for m in pretrain)

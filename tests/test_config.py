@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
+from flows.config import load_config
 from tests.conftest import MICRO, TINY
 from v3flow.cli import main
 from v3flow.errors import ConfigError
-from flows.config import load_config
 from v3flow.section import section_hash
 
 

@@ -346,7 +346,7 @@ def _trainers(workdir: Path) -> list:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "stages.pretrain.trainer" in cmdline and str(workdir) in cmdline:
+        if "v3flow.training.loop" in cmdline and str(workdir) in cmdline:
             found.append(proc)
     return found
 
@@ -378,8 +378,8 @@ def test_runs_a_killed_process_left_running_are_closed_by_the_next_run(servers):
     RUNNING; the next pipeline run ends them KILLED. A run whose flow run is still going is left alone."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.bookkeeping import close_orphans
     from v3flow import tracking
-    from flows.pipeline import _close_orphans
 
     uri, experiment = servers["MLFLOW_TRACKING_URI"], f"orphans-{uuid.uuid4().hex[:8]}"
     with api(servers) as c:
@@ -390,7 +390,7 @@ def test_runs_a_killed_process_left_running_are_closed_by_the_next_run(servers):
     dead_stage = tracking.start_run(uri, experiment, "pretrain", {}, {}, parent_run_id=dead)
     alive = tracking.start_run(uri, experiment, "alive", {"prefect.flow_run_id": going}, {})
     with temporary_settings(updates={PREFECT_API_URL: servers["PREFECT_API_URL"]}):
-        _close_orphans(uri, experiment)
+        close_orphans(uri, experiment)
     status = {run: tracking.get_run(uri, run).info.status for run in (dead, dead_stage, alive)}
     assert status == {dead: "KILLED", dead_stage: "KILLED", alive: "RUNNING"}
 

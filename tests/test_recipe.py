@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from flows.config import load_config
 from tests.conftest import ROOT
 from v3flow.errors import ConfigError
-from flows.config import load_config
 from v3flow.model.args import ModelConfig
 
 V3 = ROOT / "configs" / "deepseek-v3-671b.yaml"
@@ -75,7 +75,7 @@ def test_pretraining_recipe(cfg):  # §3.3 FP8, §4.2 hyperparameters
 
 
 def test_context_extension_recipe(cfg):  # §4.3
-    from flows.pipeline import STAGES
+    from flows.recipe import STAGES, wiring
 
     e = cfg.extension
     assert (e.yarn.factor, e.yarn.beta_slow, e.yarn.beta_fast, e.yarn.original_seq_len) == (40, 1, 32, 4096)
@@ -85,8 +85,8 @@ def test_context_extension_recipe(cfg):  # §4.3
     assert e.lr == 7.3e-6 and e.lr == pytest.approx(cfg.pretrain.schedule.peak_lr * cfg.pretrain.schedule.tail_lr,
                                                     rel=1e-3)  # the last pretraining LR, held constant
     for phase, length, batch in (("extend_phase1", 32_768, 1920), ("extend_phase2", 131_072, 480)):
-        section = STAGES[phase].section(cfg)
-        s = section.pretrain.schedule
+        section = STAGES[phase].section(cfg, wiring(cfg))
+        s = section.recipe.schedule
         assert section.model.yarn == e.yarn and section.model.max_seq_len == length
         assert s.batch_size(0) == s.batch_size(s.total_tokens - 1) == batch
         assert s.lr(0, 0) == s.lr(500, s.total_tokens // 2) == s.lr(999, s.total_tokens - 1) == 7.3e-6

@@ -6,7 +6,7 @@ its outputs (Marin's step hashing, extended to code):
     config     its config section (fields that cannot change outputs, such as worker counts, are left out)
     upstream   the keys of the stages whose outputs it reads
     inputs     a fingerprint of the input files it reads from outside the workdir (names, sizes, mtimes)
-    code       the source of its stage package and of every v3flow module it imports, transitively (read
+    code       the source of its stage package and of every project module it imports, transitively (read
                with `ast`, keyed by module name so the key does not depend on where the code lives), except
                modules that only report or orchestrate (REPORTING)
     libraries  the versions of the libraries that shape its outputs (torch, datatrove, tokenizers, ...)
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 KEY_FILE = "key.json"
-# v3flow modules that cannot change a stage's outputs: reporting, servers, the CLI, orchestration.
+# Project modules that cannot change a stage's outputs: reporting, servers, the CLI, orchestration (flows/).
 REPORTING = ("v3flow.tracking", "v3flow.servers", "v3flow.cli", "v3flow.errors", "v3flow.cache", "flows")
 PACKAGES = ("v3flow", "stages", "flows")  # the project's import packages: each is the folder of its name
 
@@ -81,7 +81,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def code_files(package: str, locate: Locate = installed) -> dict[str, Path]:
-    """The modules of `package` (all its files) and every v3flow module they import, transitively."""
+    """The modules of `package` (all its files) and every project module they import, transitively."""
     init = locate(package)
     if init is None:
         raise ModuleNotFoundError(package)
@@ -123,8 +123,17 @@ def files_fingerprint(root: Path, files: list[str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str]:

@@ -76,15 +76,16 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from v3flow import servers
     from flows.config import load_config
+    from v3flow import servers
 
     cfg = load_config(args.config, args.overrides)  # reject a bad config before starting anything
     if args.dry_run:
         return _dry_run(cfg, args)
     urls = servers.ensure_for_run(cfg.tracking.tracking_uri)
     os.environ.setdefault("V3FLOW_PROJECT", cfg.project_root or str(Path.cwd()))
-    from flows.pipeline import RunRequest, pipeline, plan, wiring
+    from flows.pipeline import RunRequest, pipeline
+    from flows.recipe import plan, wiring
 
     plan(args.stages, wiring(cfg))  # unknown stages or inputs are an error before the flow run starts
     request = RunRequest(config=str(Path(args.config).resolve()), overrides=args.overrides,
@@ -104,11 +105,11 @@ def cmd_run(args) -> int:
 
 
 def _dry_run(cfg, args) -> int:
-    from flows.pipeline import STAGES, plan, wiring
-    from flows.runner import dry_run
+    from flows.executor import dry_run
+    from flows.recipe import plan, wiring
 
     wires = wiring(cfg)
-    rows = dry_run([STAGES[name] for name in plan(args.stages, wires)], wires, cfg)
+    rows = dry_run(plan(args.stages, wires), wires, cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -134,11 +135,13 @@ def cmd_params(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from flows.bookkeeping import card_layout
+    from flows.recipe import wiring
     from v3flow import report_card, servers, tracking
 
     uri = servers.ensure_for_run()["mlflow"]
     out = Path(args.out)
-    card = report_card.publish(uri, args.run_id, out)
+    card = report_card.publish(uri, args.run_id, out, card_layout(wiring()))
     print(f"{card.title}\n  {out / 'report_card.html'}\n  {out / 'report_card.md'}\n  on {tracking.run_url(uri, args.run_id)}")
     return 0
 

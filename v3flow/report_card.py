@@ -2,10 +2,11 @@
 only from what MLflow holds for the run's parent and its children, so `v3flow report RUN_ID` rebuilds it for any
 past run.
 
-It shows the stages (ran or reused, key, time, headline metrics), the data funnel from documents read to packed
-tokens, the training curves of every training stage, expert load balance, long-context loss by position and
-the passkey grid, held-out accuracy by model and the wall time per stage. A section whose stage did not run is
-left out. A reused stage's figures come from the run that produced it.
+It shows the stages (ran or reused, key, time, headline metrics), the training curves of every training stage,
+each stage's own blocks (its spec's `report`: the data funnel from documents read to packed tokens, expert load
+balance, long-context loss by position and the passkey grid, held-out accuracy by model, every model side by side)
+and the wall time per stage. What a stage shows comes from the caller (`StageView`, from the stage specs); a
+block whose stage did not run is left out. A reused stage's figures come from the run that produced it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,33 @@ import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from v3flow import tracking
 
-TRAINING_CURVES = {"pretrain": ("loss", "val_loss"), "extend_phase1": ("loss", "val_loss"),
-                   "extend_phase2": ("loss", "val_loss"), "sft": ("loss",),
-                   "grpo": ("reward", "rewards/accuracy_reward/mean", "kl")}
+
+class StageView(NamedTuple):
+    """What the card shows of a stage: the metric histories on the training curves, its blocks (BLOCKS), and its
+    input roles in order (an evaluator's arms)."""
+
+    curves: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+
+@dataclass
+class Context:
+    """What a block reads: the MLflow server, the stages in order, their child runs and the runs that produced
+    their outputs (a reused stage's own run holds no figures), and the views."""
+
+    uri: str
+    order: list[str]
+    children: dict
+    producer: dict[str, str]
+    views: dict[str, StageView]
+    tmp: Path
+
+
 FUNNEL_DOCS = ("docs_read", "docs_after_filters", "docs_after_exact_dedup", "docs_after_near_dedup")
 
 
@@ -77,8 +99,8 @@ class Card:
                 f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 
 
-def build(uri: str, parent_run_id: str) -> Card:
-    """The report card of pipeline run `parent_run_id`."""
+def build(uri: str, parent_run_id: str, views: dict[str, StageView]) -> Card:
+    """The report card of pipeline run `parent_run_id`; `views` says what to show of each stage."""
     parent = tracking.get_run(uri, parent_run_id)
     children = {r.data.tags.get("v3flow.stage"): r for r in
                 sorted(tracking.child_runs(uri, parent_run_id), key=lambda r: r.info.start_time)}
@@ -95,12 +117,13 @@ def build(uri: str, parent_run_id: str) -> Card:
                    if k.startswith(s + ".") and not k.endswith(".seconds"))] for s in order])
     producer = {s: r.data.tags.get("v3flow.source_run_id") or r.info.run_id for s, r in children.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        _funnel(card, children)
-        _curves(card, uri, children, order)
-        _experts(card, uri, children, producer, Path(tmp))
-        _long_context(card, uri, children, producer, Path(tmp))
-        _accuracy(card, children)
-        _models(card, children)
+        ctx = Context(uri, order, children, producer, views, Path(tmp))
+        curves = [s for s in order if views.get(s, StageView()).curves]
+        for stage in order:
+            if curves and stage == curves[0]:
+                _curves(card, ctx, curves)
+            for block in views.get(stage, StageView()).blocks:
+                BLOCKS[block](card, ctx, stage)
         _wall_time(card, pm, children, order)
     return card
 
@@ -118,24 +141,24 @@ def write(card: Card, out_dir: Path) -> tuple[Path, Path]:
     return md, page
 
 
-def publish(uri: str, parent_run_id: str, out_dir: Path) -> Card:
+def publish(uri: str, parent_run_id: str, out_dir: Path, views: dict[str, StageView]) -> Card:
     """Build the card and log it to the parent run (report_card.html, report_card.md and its figures)."""
-    card = build(uri, parent_run_id)
+    card = build(uri, parent_run_id, views)
     md, page = write(card, out_dir)
     tracking.log_artifacts(uri, parent_run_id, [str(page), str(md), str(out_dir / "report_card")])
     return card
 
 
-def _funnel(card: Card, children: dict) -> None:
-    data = children.get("data")
-    if data is None:
-        return
-    m = data.data.metrics
+def _funnel(card: Card, ctx: Context, stage: str) -> None:
+    """Documents read to documents kept (the data stage), then tokens, and what the first stage that packs them
+    made of them."""
+    m = ctx.children[stage].data.metrics
     steps = [(k.replace("_", " "), m[k]) for k in FUNNEL_DOCS if k in m]
     steps.append(("documents kept (train + val)", m.get("train_documents", 0) + m.get("val_documents", 0)))
     tokens = [("tokens (train + val)", m.get("tokens"))]
-    if "pack" in children:
-        pack = children["pack"].data.metrics
+    packs = [s for s in ctx.order[ctx.order.index(stage) + 1:] if "packing_efficiency" in ctx.children[s].data.metrics]
+    if packs:
+        pack = ctx.children[packs[0]].data.metrics
         tokens += [("packed train tokens", pack.get("train_tokens")), ("packing efficiency", pack.get("packing_efficiency"))]
     card.table("Data funnel", ["step", "count"], [[name, value] for name, value in steps + tokens if value is not None])
     if "docs_not_deduplicated" in m:
@@ -147,14 +170,12 @@ def _funnel(card: Card, children: dict) -> None:
     card.figure("Data funnel (documents)", _png(fig), "data_funnel.png")
 
 
-def _curves(card: Card, uri: str, children: dict, order: list[str]) -> None:
-    stages = [s for s in order if s in TRAINING_CURVES]
-    if not stages:
-        return
+def _curves(card: Card, ctx: Context, stages: list[str]) -> None:
+    uri, children = ctx.uri, ctx.children
     plt = _plt()
     fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 2.8), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
-        for key in TRAINING_CURVES[stage]:
+        for key in ctx.views[stage].curves:
             points = tracking.metric_history(uri, children[stage].info.run_id, key)
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], label=key.split("/")[-2 if "/" in key else -1])
@@ -164,10 +185,8 @@ def _curves(card: Card, uri: str, children: dict, order: list[str]) -> None:
     card.figure("Training curves", _png(fig), "training_curves.png")
 
 
-def _experts(card: Card, uri: str, children: dict, producer: dict, tmp: Path) -> None:
-    run = children.get("pretrain")
-    if run is None:
-        return
+def _experts(card: Card, ctx: Context, stage: str) -> None:
+    uri, run, producer = ctx.uri, ctx.children[stage], ctx.producer[stage]
     layers = sorted(k for k in run.data.metrics if k.startswith("maxvio_layer_"))
     if layers:
         fig, ax = _plt().subplots(figsize=(6, 2.8))
@@ -178,33 +197,30 @@ def _experts(card: Card, uri: str, children: dict, producer: dict, tmp: Path) ->
         ax.set_ylabel("MaxVio (0 = balanced)")
         ax.legend(fontsize=7)
         card.figure("Expert load balance in pretraining (MaxVio per MoE layer)", _png(fig), "maxvio.png")
-    loads = sorted(tracking.artifact_paths(uri, producer["pretrain"], "expert_loads"))
+    loads = sorted(tracking.artifact_paths(uri, producer, "expert_loads"))
     if loads:
-        png = tracking.download_artifact(uri, producer["pretrain"], loads[-1], tmp).read_bytes()
+        png = tracking.download_artifact(uri, producer, loads[-1], ctx.tmp).read_bytes()
         card.figure(f"Expert loads at the end of pretraining ({Path(loads[-1]).stem})", png, "expert_loads.png")
 
 
-def _long_context(card: Card, uri: str, children: dict, producer: dict, tmp: Path) -> None:
-    if "long_eval" not in children:
-        return
-    run_id = producer["long_eval"]
-    paths = set(tracking.artifact_paths(uri, run_id, "long_eval"))
+def _long_context(card: Card, ctx: Context, stage: str) -> None:
+    uri, run_id = ctx.uri, ctx.producer[stage]
+    paths = set(tracking.artifact_paths(uri, run_id, stage))
     for name, heading in (("loss_by_position.png", "Long context: loss by position"),
                           ("passkey_rank_phase2.png", "Passkey retrieval after phase 2 (rank of the key)")):
-        if f"long_eval/{name}" in paths:
-            card.figure(heading, tracking.download_artifact(uri, run_id, f"long_eval/{name}", tmp).read_bytes(), name)
-    m = children["long_eval"].data.metrics
+        if f"{stage}/{name}" in paths:
+            card.figure(heading, tracking.download_artifact(uri, run_id, f"{stage}/{name}", ctx.tmp).read_bytes(),
+                        name)
+    m = ctx.children[stage].data.metrics
     arms = sorted({k.split(".")[0] for k in m if k.endswith(".passkey_exact_match")})
     card.table("Long context by model", ["model", "passkey exact", "passkey top-1", "short-context val loss"],
                [[a, m.get(f"{a}.passkey_exact_match"), m.get(f"{a}.passkey_top1"), m.get(f"{a}.short_val_loss")]
                 for a in arms])
 
 
-def _accuracy(card: Card, children: dict) -> None:
-    if "task_eval" not in children:
-        return
-    m = children["task_eval"].data.metrics
-    arms = [a for a in ("base", "sft", "grpo") if f"{a}.accuracy" in m]
+def _accuracy(card: Card, ctx: Context, stage: str) -> None:
+    m = ctx.children[stage].data.metrics
+    arms = [a for a in ctx.views[stage].roles if f"{a}.accuracy" in m]
     ks = sorted({int(k.split("_at_")[1].split("_")[0]) for k in m if "pass_at_" in k and not k.endswith("stderr")})
     card.table("Held-out task accuracy", ["model", "greedy accuracy", "± s.e.", *[f"pass@{k}" for k in ks], "format ok"],
                [[a, m[f"{a}.accuracy"], m.get(f"{a}.accuracy_stderr"), *[m.get(f"{a}.pass_at_{k}") for k in ks],
@@ -221,13 +237,11 @@ MODEL_COLUMNS = (("val_loss", "val loss"), ("val_perplexity", "val ppl"), ("maxv
                  ("accuracy", "task accuracy"), ("pass_at_1", "pass@1"), ("format_ok", "format ok"))
 
 
-def _models(card: Card, children: dict) -> None:
-    if "evaluate" not in children:
-        return
-    m = children["evaluate"].data.metrics
+def _models(card: Card, ctx: Context, stage: str) -> None:
+    m = ctx.children[stage].data.metrics
     models = list(dict.fromkeys(k.split(".")[0] for k in m if k.endswith(".val_loss")))
     columns = [(k, name) for k, name in MODEL_COLUMNS if any(f"{model}.{k}" in m for model in models)]
-    card.table("Every model of the chain (evaluate stage)", ["model", *[name for _, name in columns]],
+    card.table(f"Every model of the chain ({stage} stage)", ["model", *[name for _, name in columns]],
                [[model, *[m.get(f"{model}.{k}") for k, _ in columns]] for model in models])
 
 
@@ -241,6 +255,10 @@ def _wall_time(card: Card, pm: dict, children: dict, order: list[str]) -> None:
                 "wall_time.png")
     card.table("Wall time", ["stage", "this run (s)", "when produced (s)"],
                [[s, pm.get(f"{s}.seconds"), produced[s]] for s in order])
+
+
+BLOCKS = {"funnel": _funnel, "experts": _experts, "long_context": _long_context, "accuracy": _accuracy,
+          "models": _models}
 
 
 def _plt():

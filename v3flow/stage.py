@@ -1,4 +1,5 @@
-"""What every stage returns: small manifests (paths, hashes, metrics), never tensors or documents.
+"""What a stage is (`StageSpec`, declared once in its module) and what every stage returns (`StageResult`: small
+manifests, paths, hashes and metrics, never tensors or documents).
 
 A finished stage writes its `StageResult` as `result.json` in its content-addressed output folder; that
 file is the stage's "done" marker, so a later run with the same key reuses the folder as it is. Paths in
@@ -8,10 +9,15 @@ elsewhere still resolves.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
+
+from v3flow.section import Section
 
 RESULT_FILE = "result.json"
 
@@ -74,3 +80,47 @@ def _relative(path: str, root: Path) -> str:
 def chain_lineage(inputs: dict[str, StageResult], stage: str, key: str) -> dict[str, str]:
     """stage -> key for `stage` and every stage up its chain (through the results it reads)."""
     return {**{s: k for r in inputs.values() for s, k in r.lineage.items()}, stage: key}
+
+
+class Wiring(NamedTuple):
+    """What a stage's section may read besides the config: which stage fills each input role of each stage, and
+    which stages make models."""
+
+    inputs: dict[str, dict[str, str]]
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage, declared once in its own module; the pipeline (flows/recipe.py lists the specs), its config,
+    the Prefect forms and deployments, the report card, the registry and the tests derive from these.
+
+    `module` has `run(section, out_dir, inputs={role: StageResult}, resolve) -> StageResult` and optionally
+    `fingerprint(section, resolve)` (input files outside the workdir); `run` never names an upstream stage, so
+    which stage fills a role is the pipeline's (or the config's `inputs`) choice."""
+
+    name: str  # its folder <workdir>/<name>/<key>, MLflow run, Prefect task and deployment stage/<name>
+    module: str  # the module that runs it; its code (and what it imports) is part of the key
+    section: Callable[[Any, Wiring], Section]  # its config section, from the pipeline config and the wiring
+    settings: dict[str, Any] = field(default_factory=dict)  # YAML sections it reads: path -> schema, or
+    # (schema, default factory; ... when the section must be written)
+    inputs: dict[str, str] | Callable[[list[StageSpec]], dict[str, str]] = field(default_factory=dict)  # role ->
+    # the stage that fills it by default (a function of the stages before it, where that depends on them)
+    libraries: tuple[str, ...] = ()  # whose versions shape its outputs (part of the key)
+    headline: tuple[str, ...] | Callable[[Wiring], tuple[str, ...]] = ()  # metrics the pipeline's parent run
+    # carries as `<stage>.<metric>` (a function of the wiring, where they name the models it reads)
+    model: bool = False  # writes the standard model artifact: registered, and measured by the evaluation
+    phase: str = ""  # the phase flow that runs it with its upstream (extend, posttrain)
+    curves: tuple[str, ...] = ()  # metric histories drawn on the report card's training curves
+    report: tuple[str, ...] = ()  # report-card blocks about it (v3flow/report_card.py BLOCKS)
+    checks: tuple[Callable[[Any], None], ...] = ()  # checks across sections; raise ValueError naming the keys
+    expand: Callable[[dict, Path, Path], None] | None = None  # rewrites the raw YAML (root, path) before validation
+
+    def default_inputs(self, earlier: list[StageSpec]) -> dict[str, str]:
+        return dict(self.inputs(earlier) if callable(self.inputs) else self.inputs)
+
+    def headline_for(self, wiring: Wiring) -> tuple[str, ...]:
+        return self.headline(wiring) if callable(self.headline) else self.headline
+
+    def runner(self):
+        return importlib.import_module(self.module)

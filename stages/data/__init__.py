@@ -28,14 +28,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages.data import bpe, readers, report, steps
+from stages.data.config import DataConfig, expand, held_out_problems_stay_out
+from stages.data.quality import Normalizer, QualityFilter
 from v3flow.cache import files_fingerprint
 from v3flow.errors import DataError
-from v3flow.stage import StageResult
-from stages.data import bpe, readers, report, steps
-from stages.data.config import DataConfig
-from stages.data.quality import Normalizer, QualityFilter
+from v3flow.stage import StageResult, StageSpec
 
 STAGE = "data"
+SPEC = StageSpec(
+    STAGE, __name__, lambda cfg, wiring: cfg.data, settings={"data": (DataConfig, ...)},
+    libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy"),
+    headline=("docs_read", "quarantined", "docs_after_filters", "docs_after_exact_dedup", "train_documents",
+              "train_tokens", "throughput_mb_s"),
+    report=("funnel",), checks=(held_out_problems_stay_out,), expand=expand)
 
 
 def fingerprint(cfg: DataConfig, resolve) -> str:

@@ -13,11 +13,12 @@ PreTrainedTokenizerFast), which `AutoTokenizer.from_pretrained(folder)` loads.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from v3flow.cache import file_sha256
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -107,11 +108,3 @@ def save_tokenizer(tok: Tokenizer, folder: Path) -> str:
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     names = {"bos": BOS, "eos": EOS, "pad": PAD, "fim_hole": FIM_HOLE, "fim_begin": FIM_BEGIN, "fim_end": FIM_END}
     return {key: tok.token_to_id(text) for key, text in names.items()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

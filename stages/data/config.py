@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from v3flow.config import deep_merge, read_yaml
+from v3flow.corpus import PackingSettings
 from v3flow.errors import ConfigError
 from v3flow.section import Section
 from v3flow.tasks import TaskConfig
@@ -122,21 +123,6 @@ class TokenizerSettings(Section):
         return self
 
 
-class PackingSettings(Section):
-    """How the `pack` stage lays the tokenized documents into training sequences (its own cache key: packing
-    at another length reuses the data stage)."""
-
-    seq_len: int = Field(512, ge=8, description="Tokens per training sequence (DeepSeek-V3: 4096).")
-    fim_rate: float = Field(0.1, ge=0, le=1, description="Share of documents rearranged as PSM FIM (DeepSeek-V3: 0.1).")
-    sequences_per_shard: int = Field(8192, gt=0)
-    seed: int = Field(1234, description="Seed of the FIM choices and split points.")
-    long_share: float | None = Field(
-        None, ge=0, lt=1, description="Upsample training documents of at least long_min_tokens tokens (repeated, "
-        "in a shuffled order) until they hold this share of the training tokens (context extension); unset: every "
-        "document once, in corpus order.")
-    long_min_tokens: int | None = Field(None, gt=0, description="What counts as long (default: seq_len).")
-
-
 class SlurmSettings(Section):
     partition: str | None = None
     time: str = "12:00:00"
@@ -217,3 +203,26 @@ def _definition(root: Path, kind: str, name: str, config_path: Path, key: str) -
         known = sorted(p.stem for p in (root / "data" / kind).glob("*.yaml"))
         raise ConfigError(f"{config_path}: {key}={name!r}: no {path} (known: {known})")
     return path
+
+
+def expand(raw: dict, root: Path, config_path: Path) -> None:
+    """The data section's named sources and mixtures (`expand_sources`), and each task source's task: the
+    config's posttrain.task with a train_size of its own (on the raw config, before validation)."""
+    if not isinstance(raw.get("data"), dict):
+        return
+    expand_sources(raw["data"], root, config_path)
+    posttrain = raw.get("posttrain") if isinstance(raw.get("posttrain"), dict) else {}
+    task = posttrain.get("task") if isinstance(posttrain.get("task"), dict) else {"name": "arithmetic"}
+    for source in raw["data"].get("sources") or []:
+        if isinstance(source, dict) and source.get("kind") == "task":
+            source["task"] = deep_merge(task, source.get("task") or {})
+
+
+def held_out_problems_stay_out(cfg) -> None:
+    """A task source may differ from the evaluated task (posttrain.task) in its train_size only: otherwise its
+    documents could hold the held-out problems of the evaluation."""
+    task = cfg.posttrain.task
+    for i, src in enumerate(cfg.data.sources):
+        if src.task is not None and src.task.model_copy(update={"train_size": task.train_size}) != task:
+            raise ValueError(f"data.sources.{i}.task ({src.name}) differs from posttrain.task in more than "
+                             "train_size: its documents could hold the held-out problems of the evaluation")

@@ -22,8 +22,8 @@ from datatrove.pipeline.readers.base import BaseDiskReader, BaseReader
 from datatrove.pipeline.readers.huggingface import HuggingFaceDatasetReader
 from datatrove.pipeline.readers.parquet import ParquetReader
 
-from v3flow.errors import DataError
 from stages.data.config import SourceConfig
+from v3flow.errors import DataError
 from v3flow.tasks import build as build_task
 
 DEFAULT_GLOBS = {"stdlib": "**/*.py", "text": "**/*.txt", "jsonl": "**/*.jsonl*", "parquet": "**/*.parquet",

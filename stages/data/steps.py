@@ -35,8 +35,8 @@ from datatrove.pipeline.tokens import DocumentTokenizer
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import HashConfig
 
-from v3flow.errors import DataError
 from stages.data.config import ExecutorSettings, MinhashSettings
+from v3flow.errors import DataError
 
 
 def doc_text(doc: Document) -> str:

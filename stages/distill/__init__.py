@@ -17,12 +17,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from v3flow.cache import files_fingerprint
-from v3flow.section import Section
-from v3flow.stage import StageResult
 from stages.distill import teachers
 from stages.distill.config import DistillConfig, HFTeacher
+from v3flow.cache import files_fingerprint
+from v3flow.section import Section
+from v3flow.stage import StageResult, StageSpec
 from v3flow.tasks import TaskConfig, build
+from v3flow.tasks.arithmetic import ArithmeticSettings
 from v3flow.tasks.base import CORRECT
 
 STAGE = "distill"
@@ -32,6 +33,13 @@ ACCEPTED, TRUNCATED, TOO_LONG = "accepted", "truncated", "too_long"
 class DistillStageConfig(Section):
     task: TaskConfig
     distill: DistillConfig
+
+
+SPEC = StageSpec(
+    STAGE, __name__, lambda cfg, wiring: DistillStageConfig(task=cfg.posttrain.task, distill=cfg.posttrain.distill),
+    settings={"posttrain.task": (TaskConfig, ArithmeticSettings), "posttrain.distill": DistillConfig}, inputs={"model": "extend_phase2"},
+    libraries=("transformers", "tokenizers", "datasets", "math_verify", "openai", "pyarrow"),
+    headline=("acceptance_rate", "rate.wrong_answer", "rate.truncated", "problems_kept", "sft_rows"), phase="posttrain")
 
 
 def fingerprint(cfg: DistillStageConfig, resolve) -> str:

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from v3flow.errors import ConfigError
 from stages.distill.config import DistillConfig, HFTeacher, OpenAITeacher, OracleTeacher
+from v3flow.errors import ConfigError
 from v3flow.tasks.arithmetic import Arithmetic, scratchpad, solve, spell
 from v3flow.tasks.base import Problem, Task
 from v3flow.tasks.reasoning import END_THINK, THINK, respond

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from pydantic import Field
 
+from v3flow import training
 from v3flow.errors import ConfigError
 from v3flow.section import Section
-from v3flow.stage import StageResult
+from v3flow.stage import StageResult, StageSpec, Wiring
 
 STAGE = "evaluate"
 EVALUATORS = ("val", "long", "tasks")
@@ -52,6 +53,25 @@ class EvaluateConfig(EvaluateSettings):
     long_arms: dict[str, str] = Field(default_factory=dict, description="long_eval arm -> model stage (wiring).")
     task_arms: dict[str, str] = Field(default_factory=dict, description="task_eval arm -> model stage (wiring).")
 
+
+def section(cfg, wiring: Wiring) -> EvaluateConfig:
+    """The evaluation settings, and which arm of the evaluators it reads (roles `long`, `tasks`) is which model."""
+    mine = wiring.inputs[STAGE]
+
+    def arms(role: str) -> dict[str, str]:
+        return {a: s for a, s in wiring.inputs.get(mine.get(role), {}).items() if s in wiring.models}
+
+    return EvaluateConfig(**cfg.evaluation.model_dump(), long_arms=arms("long"), task_arms=arms("tasks"))
+
+
+SPEC = StageSpec(
+    STAGE, __name__, section, settings={"evaluation": EvaluateSettings},
+    inputs=lambda earlier: {**{s.name: s.name for s in earlier if s.model}, "val": "pack", "long": "long_eval",
+                            "tasks": "task_eval"},
+    libraries=training.LIBRARIES,
+    headline=lambda wiring: tuple(f"{m}.{k}" for m in wiring.models
+                                  for k in ("val_loss", "mtp_acceptance_rate", "maxvio_mean", "accuracy")),
+    report=("models",))
 
 LONG_COLUMNS = ("passkey_exact_match", "passkey_top1", "passkey_rank")
 TASK_COLUMNS = ("accuracy", "accuracy_stderr", "format_ok")

@@ -1,4 +1,5 @@
-"""Config of context extension (report §4.3): two YaRN phases after pretraining, and their evaluation.
+"""Config of context extension (report §4.3): two YaRN phases after pretraining (their evaluation, the section's
+`eval`, is the long_eval stage's).
 
 The defaults are the report's: YaRN with s = 40, alpha = 1, beta = 32 (beta_slow / beta_fast in DeepSeek's
 code), the same factor in both phases; phase 1 at 32K tokens with batch 1920, phase 2 at 128K with batch 480,
@@ -13,7 +14,7 @@ from pydantic import Field, model_validator
 
 from v3flow.model.args import YarnConfig
 from v3flow.section import Section
-from stages.pretrain.config import AttentionKernel, Recompute
+from v3flow.training.recipe import AttentionKernel, Recompute
 
 
 class PhaseSettings(Section):
@@ -32,19 +33,6 @@ class LongDataSettings(Section):
                               "upsampling (never below their natural share).")
     long_min_tokens: int | None = Field(None, gt=0, description="A document this long counts as long; default: "
                                         "the phase's sequence length.")
-
-
-class LongEvalSettings(Section):
-    """The four-arm long-context evaluation (v3flow/evaluation/long_context.py)."""
-
-    documents: int = Field(16, gt=0, description="Held-out documents (the data stage's validation split) at least "
-                           "as long as the longest bucket; loss by position is averaged over them.")
-    passkey_depths: list[float] = Field([0.1, 0.5, 0.9], description="Needle depths (share of the haystack).")
-    passkey_trials: int = Field(2, gt=0, description="Prompts per (length, depth), each with its own key.")
-    distractors: int = Field(9, gt=0, description="Random keys the true key is ranked against.")
-    short_sequences: int = Field(256, gt=0, description="Packed validation sequences at the pretraining length "
-                                 "(at most) for the short-context regression.")
-    seed: int = 1234
 
 
 class ExtensionConfig(Section):
@@ -69,7 +57,6 @@ class ExtensionConfig(Section):
                                                                         steps=1000))
     phase2: PhaseSettings = Field(default_factory=lambda: PhaseSettings(seq_len=131072, batch_sequences=480,
                                                                         steps=1000))
-    eval: LongEvalSettings = Field(default_factory=LongEvalSettings)
 
     @model_validator(mode="after")
     def _lengths(self) -> ExtensionConfig:

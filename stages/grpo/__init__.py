@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from v3flow.section import Section, section_hash
-from v3flow.stage import StageResult
 from stages.grpo import trainer
-from stages.grpo.config import GrpoConfig
+from stages.grpo.config import GrpoConfig, GrpoStageConfig
+from v3flow.section import section_hash
+from v3flow.stage import StageResult, StageSpec
 from v3flow.tasks import TaskConfig, build
+from v3flow.tasks.arithmetic import ArithmeticSettings
 from v3flow.training import posttrain
 
 STAGE = "grpo"
@@ -21,11 +22,13 @@ CURVES = {"reward": "reward", "reward_std": "reward_std", "accuracy": "rewards/a
           "format": "rewards/format_reward/mean", "overlong": "rewards/overlong_reward/mean",
           "completion_length": "completions/mean_length",
           "clipped_ratio": trainer.CLIPPED, "zero_std_groups": trainer.ZERO_STD, "kl": "kl"}
-
-
-class GrpoStageConfig(Section):
-    task: TaskConfig
-    grpo: GrpoConfig
+SPEC = StageSpec(
+    STAGE, __name__, lambda cfg, wiring: GrpoStageConfig(task=cfg.posttrain.task, grpo=cfg.posttrain.grpo),
+    settings={"posttrain.task": (TaskConfig, ArithmeticSettings), "posttrain.grpo": GrpoConfig}, inputs={"model": "sft"},
+    libraries=(*posttrain.LIBRARIES, "math_verify"),
+    headline=tuple(f"{m}_{end}" for m in ("reward", "accuracy", "format", "completion_length", "kl", "zero_std_groups")
+                   for end in ("first", "last")),
+    model=True, phase="posttrain", curves=("reward", CURVES["accuracy"], "kl"))
 
 
 def run(cfg: GrpoStageConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
@@ -41,9 +44,7 @@ def run(cfg: GrpoStageConfig, out_dir: Path, inputs: dict[str, StageResult], res
     datasets.Dataset.from_list(rows).to_parquet(str(prompts))
     source = inputs["model"].outputs["model"]
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir,
-        {"grpo": g.model_dump(mode="json"), "task": cfg.task.model_dump(mode="json"), "prompts": str(prompts)},
-        g.num_processes, data={"task": task.name, "config_hash": section_hash(cfg)},
+        STAGE, trainer.__name__, inputs, out_dir, cfg, str(prompts), g.num_processes, data={"task": task.name, "config_hash": section_hash(cfg)},
         extra={"trained_with": "trl.GRPOTrainer", "reference_model": source})
     steps = posttrain.read_metrics(out_dir)
     metrics = {"steps": final["steps"], "wall_time_s": wall, "s_per_step": wall / max(final["steps"], 1)}

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from v3flow.section import Section
+from v3flow.tasks import TaskConfig
 
 
 class GrpoConfig(Section):
@@ -59,3 +60,10 @@ class GrpoConfig(Section):
         if not self.rewards:
             raise ValueError("posttrain.grpo.rewards: name at least one reward (accuracy, format)")
         return self
+
+
+class GrpoStageConfig(Section):
+    """What the GRPO stage's outputs depend on: the task (prompts, rewards) and the recipe."""
+
+    task: TaskConfig
+    grpo: GrpoConfig

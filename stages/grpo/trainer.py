@@ -44,22 +44,22 @@ class Alarms(TrainerCallback):
 
 def main(run_dir: Path) -> None:
     import datasets
-    from pydantic import TypeAdapter
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from stages.grpo.config import GrpoConfig as Recipe
-    from v3flow.tasks import TaskConfig, build
+    from stages.grpo.config import GrpoStageConfig
+    from v3flow.tasks import build
     from v3flow.tasks.rewards import bind
     from v3flow.training import posttrain
+    from v3flow.training.spec import TrlSpec
 
-    spec = json.loads((run_dir / "run.json").read_text())
-    cfg, stage = Recipe(**spec["grpo"]), spec["stage"]
-    task = build(TypeAdapter(TaskConfig).validate_python(spec["task"]))
-    prompts = datasets.load_dataset("parquet", data_files=spec["prompts"], split="train")
+    spec = TrlSpec[GrpoStageConfig].read(run_dir)
+    cfg, stage = spec.recipe.grpo, spec.stage
+    task = build(spec.recipe.task)
+    prompts = datasets.load_dataset("parquet", data_files=spec.data, split="train")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / posttrain.TOKENIZER_DIR, padding_side="left")
     resume = posttrain.last_checkpoint(run_dir)
-    model = posttrain.load_policy(spec["hf_in"], resume=resume)  # the reference model stays hf_in's
+    model = posttrain.load_policy(spec.hf_in, resume=resume)  # the reference model stays hf_in's
     names = list(cfg.rewards)
     completions = cfg.prompts_per_step * cfg.num_generations
     args = GRPOConfig(

@@ -15,11 +15,23 @@ import json
 import shutil
 from pathlib import Path
 
-from v3flow.stage import StageResult
-from stages.data.config import PackingSettings
 from stages.pack import packing
+from v3flow.corpus import PackingSettings
+from v3flow.stage import StageResult, StageSpec
 
 STAGE = "pack"
+
+
+def spec(name: str = STAGE, section=lambda cfg, wiring: cfg.data.packing,
+         headline: tuple[str, ...] = ("train_tokens", "train_sequences", "packing_efficiency"),
+         phase: str = "") -> StageSpec:
+    """A pack stage: the data stage's corpus (role `corpus`) packed with the PackingSettings `section` gives (the
+    config's data.packing; context extension's phases pack the same corpus at their lengths)."""
+    return StageSpec(name, __name__, section, settings={"data.packing": PackingSettings}, inputs={"corpus": "data"},
+                     libraries=("numpy",), headline=headline, phase=phase)
+
+
+SPEC = spec()
 
 
 def run(cfg: PackingSettings, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:

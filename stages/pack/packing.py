@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.data.bpe import file_sha256
-from stages.data.config import PackingSettings
+from v3flow.cache import file_sha256
+from v3flow.corpus import PackingSettings, read_ds_documents
 
 TOKEN_DTYPE = np.uint32
 
@@ -50,19 +50,6 @@ def apply_fim(doc: np.ndarray, fim: FimTokens, rng: np.random.Generator) -> np.n
     return np.concatenate(
         [[fim.begin], prefix, [fim.hole], suffix, [fim.end], middle, [fim.eos]]
     ).astype(TOKEN_DTYPE)
-
-
-def read_ds_documents(ds_path: Path, token_size: int) -> Iterator[np.ndarray]:
-    """Documents of one datatrove `.ds` file, using its `.ds.index` of document end offsets."""
-    dtype = np.uint32 if token_size == 4 else np.uint16
-    if ds_path.stat().st_size == 0:  # a task whose share of the split was empty
-        return
-    tokens = np.memmap(ds_path, dtype=dtype, mode="r")
-    ends = np.fromfile(f"{ds_path}.index", dtype=np.uint64)
-    start = 0
-    for end in ends:
-        yield tokens[start:int(end)]  # a view; np.asarray(..., TOKEN_DTYPE) where a copy is needed
-        start = int(end)
 
 
 @dataclass

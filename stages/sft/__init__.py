@@ -10,20 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from v3flow.section import section_hash
-from v3flow.stage import StageResult
 from stages.sft import trainer
 from stages.sft.config import SftConfig
+from v3flow.section import section_hash
+from v3flow.stage import StageResult, StageSpec
 from v3flow.training import posttrain
 
 STAGE = "sft"
+SPEC = StageSpec(
+    STAGE, __name__, lambda cfg, wiring: cfg.posttrain.sft, settings={"posttrain.sft": SftConfig},
+    inputs={"model": "extend_phase2", "data": "distill"}, libraries=posttrain.LIBRARIES,
+    headline=("first_loss", "last_loss", "last_token_accuracy", "steps", "tokens_per_s"), model=True,
+    phase="posttrain", curves=("loss",))
 
 
 def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
     data = inputs["data"]
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir, {"sft": cfg.model_dump(mode="json"), "data": data.outputs["sft"]},
-        cfg.num_processes, data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
+        STAGE, trainer.__name__, inputs, out_dir, cfg, data.outputs["sft"], cfg.num_processes, data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
         extra={"trained_with": "trl.SFTTrainer"})
     steps = posttrain.read_metrics(out_dir)
     losses = [r["loss"] for r in steps if "loss" in r]

@@ -20,16 +20,17 @@ def main(run_dir: Path) -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from stages.sft.config import SftConfig as Recipe
+    from stages.sft.config import SftConfig
     from v3flow.training import posttrain
+    from v3flow.training.spec import TrlSpec
 
-    spec = json.loads((run_dir / "run.json").read_text())
-    cfg = Recipe(**spec["sft"])
-    data = datasets.load_dataset("parquet", data_files=spec["data"], split="train")
+    spec = TrlSpec[SftConfig].read(run_dir)
+    cfg = spec.recipe
+    data = datasets.load_dataset("parquet", data_files=spec.data, split="train")
     data = data.filter(lambda row: row["form"] in cfg.forms).select_columns(["prompt", "completion"])
     tokenizer = AutoTokenizer.from_pretrained(run_dir / posttrain.TOKENIZER_DIR)
     resume = posttrain.last_checkpoint(run_dir)
-    model = posttrain.load_policy(spec["hf_in"], packed=cfg.packing, resume=resume)
+    model = posttrain.load_policy(spec.hf_in, packed=cfg.packing, resume=resume)
     accumulation = cfg.batch_sequences // (cfg.micro_batch * cfg.num_processes)
     args = SFTConfig(
         **posttrain.trainer_args(run_dir, spec, cfg.seed, cfg.save_steps, cfg.log_steps),
@@ -40,9 +41,9 @@ def main(run_dir: Path) -> None:
         packing_strategy="bfd", completion_only_loss=True)
     watch = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[posttrain.MetricsLog(run_dir, spec["stage"], watch)])
+                         callbacks=[posttrain.MetricsLog(run_dir, spec.stage, watch)])
     if resume:
-        print(f"[{spec['stage']}] resuming from {resume}", flush=True)
+        print(f"[{spec.stage}] resuming from {resume}", flush=True)
     out = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / posttrain.TRAINED_DIR))
     final = {"steps": trainer.state.global_step, "train_loss": out.training_loss,

@@ -2,7 +2,8 @@
 (v3flow/evaluation/tasks.py): greedy accuracy with its standard error, pass@k from n seeded samples, accuracy
 by problem group, and the gain of each arm over the previous one on the same problems (paired standard error).
 
-Arms (input roles, in chain order): `base` (the model before post-training), `sft`, `grpo`.
+Arms (input roles, in chain order; each gain is over the arm before): `base` (the model before post-training),
+`sft`, `grpo` by default.
 
     out_dir/accuracy.json   one row per arm (an MLflow table)
     out_dir/samples.json    every problem x arm: question, gold, greedy response, verdict, sampled successes
@@ -18,12 +19,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from v3flow import training
 from v3flow.section import Section
-from v3flow.stage import StageResult
+from v3flow.stage import StageResult, StageSpec
 from v3flow.tasks import TaskConfig, build
+from v3flow.tasks.arithmetic import ArithmeticSettings
 
 STAGE = "task_eval"
-ARMS = ("base", "sft", "grpo")
 
 
 class TaskEvalSettings(Section):
@@ -43,6 +45,16 @@ class TaskEvalStageConfig(Section):
     eval: TaskEvalSettings
 
 
+SPEC = StageSpec(
+    STAGE, __name__, lambda cfg, wiring: TaskEvalStageConfig(task=cfg.posttrain.task, eval=cfg.posttrain.eval),
+    settings={"posttrain.task": (TaskConfig, ArithmeticSettings), "posttrain.eval": TaskEvalSettings},
+    inputs={"base": "extend_phase2", "sft": "sft", "grpo": "grpo"},
+    libraries=(*training.LIBRARIES, "tokenizers", "math_verify"),
+    headline=("base.accuracy", "sft.accuracy", "grpo.accuracy", "sft.pass_at_4", "grpo.pass_at_4",
+              "sft.gain_over_base", "grpo.gain_over_sft", "grpo.gain_over_sft_stderr"),
+    phase="posttrain", report=("accuracy",))
+
+
 def paired_gain(before: list[dict], after: list[dict]) -> tuple[float, float]:
     """Mean per-problem difference in greedy correctness, and its standard error."""
     d = [float(b["correct"]) - float(a["correct"]) for a, b in zip(before, after, strict=True)]
@@ -60,7 +72,7 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     e, task = cfg.eval, build(cfg.task, resolve)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = task.problems("test")[: e.problems]
-    arms = [a for a in ARMS if a in inputs]
+    arms = list(inputs)  # in chain order
     records, rows, metrics = {}, [], {}
     for arm in arms:
         source = Path(inputs[arm].outputs["model"])

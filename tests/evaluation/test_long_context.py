@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flows.config import load_config
+from stages.data.bpe import train_bpe
 from tests.conftest import MICRO
 from v3flow.evaluation import long_context as lc
-from flows.config import load_config
 from v3flow.model.generate import greedy
 from v3flow.model.transformer import Transformer
-from stages.data.bpe import train_bpe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HAYSTACK = [(STDLIB / name).read_text() for name in ("json/decoder.py", "json/encoder.py", "textwrap.py")]

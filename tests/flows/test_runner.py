@@ -1,4 +1,5 @@
-"""Stage runner pieces that need no server: which failures retry, and how the cache key is formed."""
+"""Stage runner pieces that need no server: which failures retry, how the cache key is formed, and the
+invariants of the recipe's wiring (every role filled by an earlier stage, plans closed under their inputs)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import re
 import pytest
 from prefect.states import Completed, Failed
 
+from flows.config import PipelineConfig, load_config
+from flows.executor import stage_key
+from flows.recipe import MODEL_STAGES, PHASES, RECIPE, STAGES, plan, wiring
+from flows.runner import _transient
 from tests.conftest import MICRO
 from v3flow.errors import ConfigError
-from flows.config import load_config
-from flows.pipeline import STAGES, plan, wiring
-from flows.runner import _transient, stage_key
 
 
 def test_only_transient_io_errors_retry():
@@ -36,30 +38,43 @@ def test_plan_adds_upstream_stages_in_order():
     assert plan(["data"]) == ["data"]
 
 
-def test_inputs_are_wired_by_role_and_the_config_can_rewire_them():
-    assert wiring() == {"data": {}, "pack": {"corpus": "data"}, "pretrain": {"data": "pack"},
-                        "pack_phase1": {"corpus": "data"}, "extend_phase1": {"model": "pretrain", "data": "pack_phase1"},
-                        "pack_phase2": {"corpus": "data"},
-                        "extend_phase2": {"model": "extend_phase1", "data": "pack_phase2"},
-                        "long_eval": {"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2",
-                                      "corpus": "data", "short": "pack"},
-                        "distill": {"model": "extend_phase2"}, "sft": {"model": "extend_phase2", "data": "distill"},
-                        "grpo": {"model": "sft"}, "task_eval": {"base": "extend_phase2", "sft": "sft", "grpo": "grpo"},
-                        "evaluate": {"pretrain": "pretrain", "extend_phase1": "extend_phase1",
-                                     "extend_phase2": "extend_phase2", "sft": "sft", "grpo": "grpo", "val": "pack",
-                                     "long": "long_eval", "tasks": "task_eval"}}
+def test_every_role_is_filled_by_an_earlier_stage_and_plans_are_closed():
+    """The wiring's invariants, for the recipe as it is (not a copy of it)."""
+    order, wires = list(STAGES), wiring()
+    assert len(order) == len(RECIPE) and set(wires.inputs) == set(order)
+    for name, roles in wires.inputs.items():
+        assert all(order.index(up) < order.index(name) for up in roles.values()), name
+        assert plan([name]) == [s for s in order if s in plan([name])]  # in pipeline order
+        assert set(plan([name])) == {name} | {s for up in roles.values() for s in plan([up])}  # closed, and minimal
+    assert MODEL_STAGES == tuple(s.name for s in RECIPE if s.model) and "pretrain" in MODEL_STAGES
+    evaluator = [s for s in RECIPE if set(MODEL_STAGES) <= set(wires.inputs[s.name].values())]
+    assert evaluator, "a stage measures every model of the chain"
+    assert all(set(stages) <= set(order) and stages for stages in PHASES.values())
+
+
+def test_every_stage_declares_what_it_reads_once():
+    """One name per stage; each YAML section it reads is in the pipeline config, with one schema."""
+    assert len({s.name for s in RECIPE}) == len(RECIPE)
+    cfg = load_config(MICRO)
+    for spec in RECIPE:
+        for path in spec.settings:
+            node = cfg
+            for part in path.split("."):
+                node = getattr(node, part)
+        assert spec.section(cfg, wiring(cfg)).hashable() is not None
+    assert {"data", "model", "pretrain", "extension", "posttrain", "evaluation"} <= set(PipelineConfig.model_fields)
+
+
+def test_the_config_can_rewire_inputs():
+    defaults = wiring().inputs
     assert plan(["pretrain"]) == ["data", "pack", "pretrain"]
-    assert plan(["extend_phase2"]) == ["data", "pack", "pretrain", "pack_phase1", "extend_phase1", "pack_phase2",
-                                       "extend_phase2"]
     assert plan(["pack_phase2"]) == ["data", "pack_phase2"]  # packing a phase needs only the corpus
     rewired = wiring(load_config(MICRO, ["inputs.pretrain.data=pack"]))  # explicit, same as the default
-    assert rewired["pretrain"] == {"data": "pack"}
+    assert rewired.inputs["pretrain"] == defaults["pretrain"] == {"data": "pack"}
     skip = wiring(load_config(MICRO, ["inputs.sft.model=pretrain"]))  # post-training without context extension
-    assert skip["sft"] == {"model": "pretrain", "data": "distill"}
+    assert skip.inputs["sft"] == {**defaults["sft"], "model": "pretrain"}
     for override, message in [("inputs.rlhf.model=pretrain", "inputs.rlhf: no such stage"),
                               ("inputs.pretrain.model=pack", "stage pretrain has no input 'model'"),
                               ("inputs.pack.corpus=pretrain", "must be one of the stages before pack: ['data']")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             wiring(load_config(MICRO, [override]))
-    # the plan follows the wiring: a stage whose input is rewired needs the new provider, not the old one
-    assert plan(["pack"], {"data": {}, "pack": {}, "pretrain": {"data": "pack"}}) == ["pack"]

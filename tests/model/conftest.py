@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import MICRO
 from flows.config import load_config
+from tests.conftest import MICRO
 from v3flow.model.transformer import Transformer
 
 

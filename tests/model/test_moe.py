@@ -17,8 +17,8 @@ def moe_layer(model):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_bias_changes_choice_but_not_gate_values(seed):
-    from tests.conftest import MICRO
     from flows.config import load_config
+    from tests.conftest import MICRO
 
     cfg = load_config(MICRO).model
     torch.manual_seed(seed)

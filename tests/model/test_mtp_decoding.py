@@ -12,8 +12,8 @@ from v3flow.model.transformer import Transformer
 @pytest.fixture(scope="module")
 def trained(request):
     """A micro model trained for a few seconds on sequences that follow a fixed random permutation."""
-    from tests.conftest import MICRO
     from flows.config import load_config
+    from tests.conftest import MICRO
 
     cfg = load_config(MICRO).model
     torch.manual_seed(0)

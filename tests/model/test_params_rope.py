@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROOT
 from flows.config import load_config
+from tests.conftest import ROOT
 from v3flow.model.args import ModelConfig, YarnConfig
 from v3flow.model.params import count_parameters, kv_cache_size
 from v3flow.model.rope import inv_frequencies

@@ -9,7 +9,7 @@ into our model (`artifact_from_trained`), which writes the same model artifact a
 safetensors checkpoint, the Hugging Face folder exported from it (logits parity as for every export), and
 model.json saying all this.
 
-    out_dir/run.json       what the trainer process runs, with the model's architecture (written by the stage)
+    out_dir/run.json       what the trainer process runs (a TrlSpec, written by the stage)
     out_dir/tokenizer/     the input model's tokenizer files (chat template included)
     out_dir/trainer/       TRL's checkpoints (checkpoint-N/: model.safetensors, optimizer and RNG states loaded
                            with torch.load(weights_only=True) by transformers); a killed run resumes from the last
@@ -29,13 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from v3flow import training
 from v3flow.model.hf_format import export_hf, from_hf_state_dict
 from v3flow.model.transformer import Transformer
 from v3flow.stage import StageResult, chain_lineage
-from v3flow.training import artifact, precision
-from v3flow.training import launch as training
+from v3flow.training import artifact, launch, precision
+from v3flow.training.spec import TrlSpec
 
 TRAINER_DIR, TRAINED_DIR, TOKENIZER_DIR, METRICS = "trainer", "trained", "tokenizer", "metrics.jsonl"
+LIBRARIES = (*training.LIBRARIES, "trl", "datasets", "tokenizers")
 CARRIED = {"mtp": "carried over unchanged from the input model (transformers' DeepseekV3ForCausalLM has no MTP "
                   "module, so TRL does not train it)",
            "router_biases": "carried over unchanged (frozen: gamma = 0; TRL does not apply the bias update)"}
@@ -49,10 +51,10 @@ def use_bf16() -> bool:
     return precision.bf16_is_fast(torch.device("cpu"))
 
 
-def trainer_args(out_dir: Path, spec: dict, seed: int, save_steps: int, logging_steps: int) -> dict:
+def trainer_args(out_dir: Path, spec: TrlSpec, seed: int, save_steps: int, logging_steps: int) -> dict:
     """TrainingArguments every TRL stage shares: the precision chosen in run.json, our checkpoints and logging."""
     cuda = torch.cuda.is_available()
-    return {"output_dir": str(out_dir / TRAINER_DIR), "use_cpu": not cuda, "bf16": spec["bf16"],
+    return {"output_dir": str(out_dir / TRAINER_DIR), "use_cpu": not cuda, "bf16": spec.bf16,
                 "gradient_checkpointing": False, "report_to": [], "save_strategy": "steps", "save_steps": save_steps,
                 "save_total_limit": 2, "logging_steps": logging_steps, "seed": seed, "data_seed": seed, "disable_tqdm": True,
                 "dataloader_num_workers": 0}
@@ -117,10 +119,10 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def prepare(stage: str, source: Path, out_dir: Path, spec: dict) -> dict:
-    """Write run.json (the trainer's spec plus the architecture, which our checkpoint loader reads there, and the
-    precision, chosen once: a resumed run keeps the choice of the run it continues, whatever a speed probe says
-    now) and the input model's tokenizer; returns the spec."""
+def prepare(stage: str, source: Path, out_dir: Path, recipe, data: str) -> TrlSpec:
+    """Write run.json (the trainer's spec: the recipe, its data, the architecture, which our checkpoint loader
+    reads there, and the precision, chosen once: a resumed run keeps the choice of the run it continues, whatever
+    a speed probe says now) and the input model's tokenizer; returns the spec."""
     from transformers import AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,9 +130,9 @@ def prepare(stage: str, source: Path, out_dir: Path, spec: dict) -> dict:
     AutoTokenizer.from_pretrained(hf_in).save_pretrained(out_dir / TOKENIZER_DIR)
     before = out_dir / "run.json"
     bf16 = json.loads(before.read_text())["bf16"] if before.is_file() and last_checkpoint(out_dir) else use_bf16()
-    spec = {"stage": stage, "model": artifact.model_config(source).model_dump(mode="json"), "hf_in": str(hf_in),
-            "bf16": bf16, **spec}
-    (out_dir / "run.json").write_text(json.dumps(spec, indent=2))
+    spec = TrlSpec(stage=stage, model=artifact.model_config(source), hf_in=str(hf_in), bf16=bf16, recipe=recipe,
+                   data=data)
+    spec.write(out_dir)
     return spec
 
 
@@ -156,14 +158,15 @@ def artifact_from_trained(stage: str, source: Path, trained: Path, out_dir: Path
     return hf_dir
 
 
-def train(stage: str, trainer_module: str, inputs: dict, out_dir: Path, spec: dict, num_processes: int,
+def train(stage: str, trainer_module: str, inputs: dict, out_dir: Path, recipe, files: str, num_processes: int,
           data: dict, extra: dict):
-    """What every TRL stage does: write the spec, run the trainer process on the model of role `model`, write the
-    standard model artifact. Returns the trainer's final.json, its wall time and a StageResult to complete."""
+    """What every TRL stage does: write the spec (`recipe`, its data `files`), run the trainer process on the model
+    of role `model`, write the standard model artifact. Returns the trainer's final.json, its wall time and a
+    StageResult to complete."""
     source = Path(inputs["model"].outputs["model"])
-    prepare(stage, source, out_dir, spec)
+    prepare(stage, source, out_dir, recipe, files)
     started = time.time()
-    training.launch(trainer_module, out_dir, num_processes, "torchrun", prefix=f"[{stage}]")
+    launch.launch(trainer_module, out_dir, num_processes, "torchrun", prefix=f"[{stage}]")
     wall = time.time() - started
     artifact_from_trained(stage, source, out_dir / TRAINED_DIR, out_dir, chain_lineage(inputs, stage, out_dir.name),
                           data, extra)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import MICRO
 from flows.config import load_config
 from stages.data import run
 from stages.data.config import SourceConfig
+from tests.conftest import MICRO
 
 
 def run_on_jsonl(folder: Path, out: Path, overrides: list[str] = ()):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.stages.data.helpers import run_on_jsonl, write_jsonl
 from stages.data.readers import read_documents
+from tests.stages.data.helpers import run_on_jsonl, write_jsonl
 
 GOOD = "".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(20))  # passes every quality filter
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import MICRO
 from flows.config import load_config
 from stages.data import run
 from stages.data.readers import read_documents
 from stages.data.steps import split_of
-from stages.pack.packing import read_ds_documents
+from tests.conftest import MICRO
+from v3flow.corpus import read_ds_documents
 
 
 @pytest.fixture(scope="module")

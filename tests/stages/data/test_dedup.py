@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.stages.data.helpers import run_on_jsonl, write_jsonl
 from stages.data.readers import read_documents
+from tests.stages.data.helpers import run_on_jsonl, write_jsonl
 
 
 def vocabulary() -> list[str]:

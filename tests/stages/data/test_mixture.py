@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tests.conftest import MICRO
-from tests.stages.data.helpers import write_jsonl
 from flows.config import load_config
 from stages.data import run
 from stages.data.config import SourceConfig
+from tests.conftest import MICRO
+from tests.stages.data.helpers import write_jsonl
 
 
 def corpus(prefix: str, n: int) -> list[dict]:

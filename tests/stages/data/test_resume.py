@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from tests.conftest import MICRO
 from flows.config import load_config
 from stages.data import run
+from tests.conftest import MICRO
 
 
 def test_rerun_after_interruption_resumes_and_matches(tmp_path):

@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from tests.conftest import MICRO
-from tests.stages.data.helpers import write_jsonl
-from v3flow.errors import ConfigError
 from flows.config import load_config
 from stages.data import run
 from stages.data.config import SourceConfig
 from stages.data.readers import read_documents
+from tests.conftest import MICRO
+from tests.stages.data.helpers import write_jsonl
+from v3flow.errors import ConfigError
 from v3flow.tasks import build
 
 SOURCES = "data.sources=[{{name: code, kind: jsonl, path: {path}}}, {{dataset: arithmetic, task: {{train_size: 80}}}}]"

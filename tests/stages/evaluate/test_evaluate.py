@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO
 from flows.config import load_config
-from flows.pipeline import MODEL_STAGES, run_offline
+from flows.executor import run_offline
+from flows.recipe import MODEL_STAGES
+from tests.conftest import MICRO
 
 
 @pytest.fixture(scope="module")

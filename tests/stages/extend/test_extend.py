@@ -8,17 +8,20 @@ import json
 import pytest
 import torch
 
+from flows.config import load_config
+from flows.executor import run_offline
+from flows.recipe import STAGES, wiring
+from stages import extend
+from stages.long_eval import windowed_losses
 from tests.conftest import MICRO
 from tests.stages.pretrain.conftest import losses
+from tests.training import faults
 from v3flow.errors import ConfigError
 from v3flow.evaluation import long_context as lc
-from flows.config import load_config
-from flows.pipeline import STAGES, run_offline
 from v3flow.model.rope import inv_frequencies, rope_tables
 from v3flow.model.transformer import Transformer
-from stages import extend
-from stages.extend.evaluate import windowed_losses
-from stages.pretrain import TrainingError
+from v3flow.training.loop import CALLBACKS_ENV
+from v3flow.training.train import TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_yarn_is_switched_on_by_the_phase_not_by_the_length():
     (DeepSeek's code turns it on only when max_seq_len > original_seq_len, a known way to lose it)."""
     cfg = load_config(MICRO)
     ext = cfg.extension.model_copy(update={"phase1": cfg.extension.phase1.model_copy(update={"seq_len": 128})})
-    phase = extend.section(cfg.model, cfg.pretrain, ext.model_copy(), "phase1").model
+    phase = extend.phase_section(cfg.model, cfg.pretrain, ext.model_copy(), "phase1").model
     assert phase.yarn == cfg.extension.yarn and phase.max_seq_len == 128 == cfg.model.max_seq_len
     plain, yarn = inv_frequencies(cfg.model), inv_frequencies(phase)
     assert torch.equal(yarn[:1], plain[:1]) and torch.allclose(yarn[-1:], plain[-1:] / 8)  # fast kept, slow / s
@@ -57,14 +60,16 @@ def test_yarn_is_switched_on_by_the_phase_not_by_the_length():
 def test_phases_are_cached_on_their_own():
     """Phase 2's settings are not in phase 1's key (changing phase 2 does not retrain phase 1)."""
     a, b = load_config(MICRO), load_config(MICRO, ["extension.phase2.steps=9"])
-    sec = STAGES["extend_phase1"].section
-    assert sec(a).hashable() == sec(b).hashable()
-    assert STAGES["extend_phase2"].section(a).hashable() != STAGES["extend_phase2"].section(b).hashable()
+    def section(stage, cfg):
+        return STAGES[stage].section(cfg, wiring(cfg)).hashable()
+
+    assert section("extend_phase1", a) == section("extend_phase1", b)
+    assert section("extend_phase2", a) != section("extend_phase2", b)
 
 
 def test_an_input_model_that_does_not_fit_the_phase_is_refused(chain):
     cfg, results = chain
-    phase1 = extend.section(cfg.model, cfg.pretrain, cfg.extension, "phase1").model
+    phase1 = extend.phase_section(cfg.model, cfg.pretrain, cfg.extension, "phase1").model
     base = results["pretrain"].outputs["model"]
     wrong = phase1.model_copy(update={"yarn": phase1.yarn.model_copy(update={"original_seq_len": 64})})
     with pytest.raises(ConfigError, match="original_seq_len=64, but the input model .* was trained at 128 tokens"):
@@ -79,14 +84,14 @@ def test_an_input_model_that_does_not_fit_the_phase_is_refused(chain):
 def test_a_killed_phase_resumes_bit_for_bit(chain, tmp_path, monkeypatch):
     cfg, results = chain
     inputs = {"model": results["pretrain"], "data": results["pack_phase1"]}
-    section = extend.section(cfg.model, cfg.pretrain, cfg.extension, "phase1")
+    section = extend.phase_section(cfg.model, cfg.pretrain, cfg.extension, "phase1")
     straight = results["extend_phase1"]
     killed = tmp_path / "killed"
-    monkeypatch.setenv("V3FLOW_FAULT_KILL_AT_STEP", "3")  # after the step-2 checkpoint
+    monkeypatch.setenv(*faults.env(kill_at=3).popitem())  # after the step-2 checkpoint
     with pytest.raises(TrainingError, match="status -9"):
         extend.run(section, killed, inputs)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000002"]
-    monkeypatch.delenv("V3FLOW_FAULT_KILL_AT_STEP")
+    monkeypatch.delenv(CALLBACKS_ENV)
     resumed = extend.run(section, killed, inputs)
     a, b = losses(tmp_path.parent / straight.out_dir), losses(killed)
     assert a.keys() == b.keys() and len(a) == 4
@@ -137,8 +142,8 @@ def test_a_phase_batch_the_processes_cannot_share_is_refused(chain, tmp_path):
     """The trainer rounds a batch to whole micro-batches per process; a phase's batch is the recipe's, so it
     must divide exactly (the 671B config's 480 sequences on 2048 data-parallel ranks would not)."""
     cfg, results = chain
-    section = extend.section(cfg.model, cfg.pretrain.model_copy(update={"num_processes": 4}), cfg.extension,
-                             "phase1")
+    section = extend.phase_section(cfg.model, cfg.pretrain.model_copy(update={"num_processes": 4}), cfg.extension,
+                                   "phase1")
     with pytest.raises(ConfigError, match=r"batch_sequences=2 is not a multiple of .* = 1 x 4"):
         extend.run(section, tmp_path, {"model": results["pretrain"], "data": results["pack_phase1"]})
     assert not (tmp_path / "run.json").exists()  # refused before anything was written

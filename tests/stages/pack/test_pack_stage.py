@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MICRO
 from flows.config import load_config
-from flows.pipeline import STAGES, run_offline, wiring
-from flows.runner import dry_run
+from flows.executor import dry_run, run_offline
+from flows.recipe import wiring
 from stages.pack.packing import unigram_entropy
+from tests.conftest import MICRO
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_packing_at_another_length_reuses_the_corpus(packed):
     longer = load_config(MICRO, [f"workdir={cfg.workdir}", "data.packing.seq_len=256", "model.max_seq_len=256",
                                  "extension.yarn.original_seq_len=256", "extension.phase1.seq_len=512",
                                  "extension.phase2.seq_len=1024"])
-    plan = {r["stage"]: r for r in dry_run([STAGES["data"], STAGES["pack"]], wiring(longer), longer)}
+    plan = {r["stage"]: r for r in dry_run(["data", "pack"], wiring(longer), longer)}
     assert plan["data"]["cached"] and plan["data"]["key"] == results["data"].key
     assert not plan["pack"]["cached"] and "config seq_len: 128 -> 256" in plan["pack"]["changes"]
     again = run_offline(longer, ["pack"])

@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.pack.packing import FimTokens, Packer, apply_fim, read_ds_documents
+from stages.pack.packing import FimTokens, Packer, apply_fim
+from v3flow.corpus import read_ds_documents
 
 EOS, PAD = 1, 2
 FIM = FimTokens(begin=4, hole=3, end=5, eos=EOS)

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import MICRO, ROOT
 from flows.config import load_config
-from flows.pipeline import STAGES, run_offline, wiring
-from flows.runner import stage_key
+from flows.executor import run_offline, stage_key
+from flows.recipe import STAGES, wiring
+from tests.conftest import MICRO, ROOT
 from v3flow.training import artifact, posttrain
 from v3flow.training import launch as training
 
@@ -97,7 +97,7 @@ def test_grpo_logs_its_curves_and_the_evaluation_scores_every_arm(chain):
 
 
 def _out_dir(cfg, stage: str) -> Path:
-    inputs = {role: run_offline(cfg, [up])[up] for role, up in wiring(cfg)[stage].items()}
+    inputs = {role: run_offline(cfg, [up])[up] for role, up in wiring(cfg).inputs[stage].items()}
     return cfg.workdir_path() / stage / stage_key(STAGES[stage], cfg, inputs)
 
 
@@ -111,7 +111,7 @@ def test_a_killed_run_resumes_to_the_same_numbers(chain, tmp_path, capsys, stage
     and every later step matches a run that was never interrupted."""
     cfg = load_config(MICRO, [f"workdir={chain[0].workdir}", *overrides])
     out_dir = _out_dir(cfg, stage)
-    script = (f"from flows.config import load_config\nfrom flows.pipeline import run_offline\n"
+    script = (f"from flows.config import load_config\nfrom flows.executor import run_offline\n"
               f"if __name__ == '__main__':\n    run_offline(load_config({str(MICRO)!r}, "
               f"{[f'workdir={cfg.workdir}', *overrides]!r}), [{stage!r}])\n")
     (tmp_path / "run.py").write_text(script)

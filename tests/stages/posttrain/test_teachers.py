@@ -15,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import MICRO, free_port
 from flows.config import load_config
-from flows.pipeline import run_offline
+from flows.executor import run_offline
 from stages import distill
 from stages.distill.config import HFTeacher, OpenAITeacher
+from tests.conftest import MICRO, free_port
 
 
 @pytest.fixture(scope="module")

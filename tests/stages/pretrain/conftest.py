@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO
 from flows.config import load_config
-from flows.pipeline import run_offline
-from stages.pretrain.config import PretrainStageConfig
+from flows.executor import run_offline
+from stages.pretrain import PretrainStageConfig
+from tests.conftest import MICRO
+from v3flow.training.spec import LoopSpec
 
 
 @pytest.fixture(scope="session")
@@ -23,11 +24,8 @@ def write_run(run_dir: Path, data, overrides: list[str] = (), export_hf: bool = 
     cfg = load_config(MICRO, list(overrides))
     stage = PretrainStageConfig(model=cfg.model, pretrain=cfg.pretrain.model_copy(update={"export_hf": export_hf}))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps({
-        "model": stage.model.model_dump(mode="json"), "pretrain": stage.pretrain.model_dump(mode="json"),
-        "manifest": data.outputs["manifest"], "tokenizer": data.outputs["tokenizer"], "lineage": {},
-        "init_from": str(init_from) if init_from else None,
-    }))
+    LoopSpec(stage="pretrain", model=stage.model, recipe=stage.pretrain, manifest=data.outputs["manifest"],
+             tokenizer=data.outputs["tokenizer"], init_from=str(init_from) if init_from else None).write(run_dir)
     return stage
 
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from tests.conftest import MICRO
 from flows.config import load_config
+from tests.conftest import MICRO
 from v3flow.model.transformer import Block, Transformer
 from v3flow.training import checkpoint
 from v3flow.training.optim import AdamW

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.stages.pretrain.conftest import losses, write_run
-from stages.pretrain import TrainingError, launch
+from tests.training import faults
 from v3flow.training.checkpoint import latest
+from v3flow.training.train import TrainingError, run_loop
 
 ROOT = Path(__file__).parents[3]
 # FP32 outside the FP8 GEMMs: where BF16 is fast the trainer would pick it, and BF16 rounds one process's
@@ -34,21 +35,21 @@ def assert_same_curve(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, micro_data):
     one = tmp_path_factory.mktemp("one")
-    launch(write_run(one, micro_data, FP32).pretrain, one)
+    run_loop(write_run(one, micro_data, FP32).pretrain, one)
     return losses(one)
 
 
 def test_two_torchrun_processes_match_one(tmp_path, micro_data, one_process):
-    launch(write_run(tmp_path, micro_data, TWO).pretrain, tmp_path)
+    run_loop(write_run(tmp_path, micro_data, TWO).pretrain, tmp_path)
     assert_same_curve(one_process, losses(tmp_path))
 
 
 def test_accelerate_launch_matches_one_process_and_resumes(tmp_path, micro_data, one_process):
     cfg = write_run(tmp_path, micro_data, TWO + accelerate("ddp.yaml"))
     with pytest.raises(TrainingError):
-        launch(cfg.pretrain, tmp_path, env={"V3FLOW_FAULT_KILL_AT_STEP": "12"})  # dies after the step-10 checkpoint ...
+        run_loop(cfg.pretrain, tmp_path, env=faults.env(kill_at=12))  # dies after the step-10 checkpoint ...
     assert latest(tmp_path / "checkpoints").name == "step_000010"
-    launch(cfg.pretrain, tmp_path)  # ... and the restarted processes resume from it
+    run_loop(cfg.pretrain, tmp_path)  # ... and the restarted processes resume from it
     assert_same_curve(one_process, losses(tmp_path))
 
 
@@ -56,5 +57,5 @@ def test_accelerate_launch_matches_one_process_and_resumes(tmp_path, micro_data,
 def test_fsdp2_config_is_refused_without_gpus(tmp_path, micro_data):
     cfg = write_run(tmp_path, micro_data, TWO + accelerate("fsdp2.yaml"))
     with pytest.raises(TrainingError, match="FSDP needs GPUs"):
-        launch(cfg.pretrain, tmp_path)
+        run_loop(cfg.pretrain, tmp_path)
     assert not (tmp_path / "checkpoints").exists()

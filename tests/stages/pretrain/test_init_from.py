@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 
+from flows.config import load_config
 from tests.conftest import MICRO
 from tests.stages.pretrain.conftest import losses, write_run
-from flows.config import load_config
-from stages.pretrain import launch
 from v3flow.training import artifact, checkpoint
+from v3flow.training.train import run_loop
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, micro_data):
     run = tmp_path_factory.mktemp("first")
-    launch(write_run(run, micro_data, export_hf=True).pretrain, run)
+    run_loop(write_run(run, micro_data, export_hf=True).pretrain, run)
     return run
 
 
@@ -37,7 +37,7 @@ def test_the_hf_folder_and_the_checkpoint_hold_the_same_model(trained):
 def test_training_continues_from_an_upstream_model(tmp_path, micro_data, trained, source):
     init = trained / "hf" if source == "hf" else checkpoint.latest(trained / "checkpoints")
     run = tmp_path / "second"
-    launch(write_run(run, micro_data, ["pretrain.schedule.total_tokens=2048"], init_from=init).pretrain, run)
+    run_loop(write_run(run, micro_data, ["pretrain.schedule.total_tokens=2048"], init_from=init).pretrain, run)
     first, second = losses(trained), losses(run)
     start, end, resumed = first[min(first)]["loss"], first[max(first)]["loss"], second[min(second)]["loss"]
     assert start - end > 0.5 and abs(resumed - end) < 0.3, (start, end, resumed)  # fresh init: start

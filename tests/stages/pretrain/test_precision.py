@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.stages.pretrain.conftest import losses, write_run
-from stages.pretrain import launch
 from v3flow.training.checkpoint import latest
 from v3flow.training.optim import AdamW
+from v3flow.training.train import run_loop
 
 
 def params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -54,7 +54,7 @@ def test_bf16_moments_fp32_params_and_reload():
 
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])
 def test_short_run_loss_falls_and_moments_are_bf16(tmp_path, micro_data, precision):
-    launch(write_run(tmp_path, micro_data, [f"pretrain.precision={precision}"]).pretrain, tmp_path)
+    run_loop(write_run(tmp_path, micro_data, [f"pretrain.precision={precision}"]).pretrain, tmp_path)
     curve = losses(tmp_path)
     first, last = curve[min(curve)]["loss"], curve[max(curve)]["loss"]
     assert last < first - 0.5, (first, last)

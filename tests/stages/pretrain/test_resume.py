@@ -7,20 +7,21 @@ import json
 import pytest
 
 from tests.stages.pretrain.conftest import losses, write_run
-from stages.pretrain import TrainingError, launch
+from tests.training import faults
+from v3flow.training.train import TrainingError, run_loop
 
 
 def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data):
     straight = tmp_path / "straight"
     cfg = write_run(straight, micro_data)
-    launch(cfg.pretrain, straight)
+    run_loop(cfg.pretrain, straight)
 
     killed = tmp_path / "killed"
     write_run(killed, micro_data)
     with pytest.raises(TrainingError, match="status -9"):
-        launch(cfg.pretrain, killed, env={"V3FLOW_FAULT_KILL_AT_STEP": "8"})  # after the step-5 checkpoint
+        run_loop(cfg.pretrain, killed, env=faults.env(kill_at=8))  # after the step-5 checkpoint
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005"]
-    launch(cfg.pretrain, killed)
+    run_loop(cfg.pretrain, killed)
 
     a, b = losses(straight), losses(killed)
     assert a.keys() == b.keys() and len(a) >= 10
@@ -33,7 +34,7 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_da
 def test_guard_skips_a_corrupted_step(tmp_path, micro_data):
     run = tmp_path / "nan"
     cfg = write_run(run, micro_data)
-    launch(cfg.pretrain, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "3"})
+    run_loop(cfg.pretrain, run, env=faults.env(nan_at=(3,)))
     records = losses(run)
     assert "grad_norm" not in records[4]  # step index 3 is record 4: no update was applied
     assert "skipped update" in (run / "events.log").read_text()
@@ -44,7 +45,7 @@ def test_guard_skips_a_corrupted_step(tmp_path, micro_data):
 def test_repeated_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, micro_data):
     run = tmp_path / "rollback"
     cfg = write_run(run, micro_data)
-    launch(cfg.pretrain, run, env={"V3FLOW_FAULT_NAN_AT_STEP": "6,7,8"})  # max_skips=3 bad steps after step 5
+    run_loop(cfg.pretrain, run, env=faults.env(nan_at=(6, 7, 8)))  # max_skips=3 bad steps after step 5
     final = json.loads((run / "final.json").read_text())
     assert final["skipped_steps"] == 3 and final["rollbacks"] == 1
     assert "rolled back to step_000005" in (run / "events.log").read_text()

@@ -1,6 +1,7 @@
-"""The pretraining loop, on accelerate. One process on CPU by default; several with torchrun / accelerate launch.
+"""Our training loop, on accelerate: pretraining and both context-extension phases train here. One process on
+CPU by default; several with torchrun / accelerate launch.
 
-    python -m stages.pretrain.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
+    python -m v3flow.training.loop RUN_DIR        (RUN_DIR/run.json, a LoopSpec, is written by the stage)
 
 Each step: the schedule gives the global batch (sequences), learning rate, lambda, gamma and alpha; every
 process takes its slice of the global batch and accumulates micro-batches; the losses are averaged
@@ -9,14 +10,18 @@ router biases move by gamma against the expert loads counted over the global bat
 Checkpoints (safetensors) hold everything needed to continue bit-for-bit; a restarted run resumes from
 the latest one. Rank 0 writes metrics.jsonl, logs to the stage's MLflow run (MLFLOW_RUN_ID) and, at the
 end, exports the model in the Hugging Face format.
+
+Callbacks see each step without changing the loop: `on_step_begin(trainer)` and `on_loss(trainer, loss) -> loss`.
+They are named in V3FLOW_TRAINER_CALLBACKS, a JSON list of {"target": "module:Class", **kwargs}; the tests'
+fault injection (a SIGKILL, a NaN loss) is installed this way.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -27,17 +32,39 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from v3flow.evaluation.language_model import mtp_acceptance
-from v3flow.model.args import ModelConfig
 from v3flow.model.attention import set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer, checkpoint_activations
-from stages.pretrain.config import PretrainConfig
 from v3flow.training import artifact, checkpoint, precision
 from v3flow.training.data import PackedSequences
 from v3flow.training.monitor import Monitor
 from v3flow.training.optim import AdamW
+from v3flow.training.recipe import Recipe
+from v3flow.training.spec import LoopSpec
+
+CALLBACKS_ENV = "V3FLOW_TRAINER_CALLBACKS"
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> AdamW:
+class Callback:
+    """Sees the loop's steps; both hooks are optional."""
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        """Before step `trainer.state["step"]` runs."""
+
+    def on_loss(self, trainer: Trainer, loss: float) -> float:
+        """The step's loss (averaged over processes) before the guard judges it; returns the loss to judge."""
+        return loss
+
+
+def load_callbacks(text: str | None) -> list:
+    """The callbacks named in `text` (V3FLOW_TRAINER_CALLBACKS): [{"target": "module:Class", **kwargs}, ...]."""
+    callbacks = []
+    for entry in json.loads(text) if text else []:
+        module, name = entry.pop("target").split(":")
+        callbacks.append(getattr(importlib.import_module(module), name)(**entry))
+    return callbacks
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Recipe, lr: float) -> AdamW:
     """AdamW (report: beta 0.9/0.95, weight decay 0.1, BF16 moments); no decay on norms (1-D weights)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -47,11 +74,11 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig, lr: float) -> A
 
 
 class Trainer:
-    def __init__(self, run_dir: Path):
-        spec = json.loads((run_dir / "run.json").read_text())
-        self.run_dir, self.spec = run_dir, spec
-        self.tag = f"[{spec.get('stage', 'pretrain')}]"  # the stage this trainer runs for, in its log lines
-        self.cfg, self.model_cfg = PretrainConfig(**spec["pretrain"]), ModelConfig(**spec["model"])
+    def __init__(self, run_dir: Path, callbacks: list | None = None):
+        spec = LoopSpec.read(run_dir)
+        self.run_dir, self.spec, self.callbacks = run_dir, spec, callbacks or []
+        self.tag = f"[{spec.stage}]"  # the stage this trainer runs for, in its log lines
+        self.cfg, self.model_cfg = spec.recipe, spec.model
         self.acc = Accelerator(cpu=not torch.cuda.is_available(),
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         if self.acc.num_processes != self.cfg.num_processes:
@@ -60,25 +87,24 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = Transformer(self.model_cfg)
         model.init_weights()
-        if spec.get("init_from"):  # weights and router biases; a checkpoint of this run, if any, wins below
-            model.load_state_dict(artifact.load_state(Path(spec["init_from"])))
-            self.acc.print(f"{self.tag} initialised from {spec['init_from']}")
+        if spec.init_from:  # weights and router biases; a checkpoint of this run, if any, wins below
+            model.load_state_dict(artifact.load_state(Path(spec.init_from)))
+            self.acc.print(f"{self.tag} initialised from {spec.init_from}")
         self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
         self.raw = precision.apply(model, self.precision)
         set_attention_kernel(model, self.cfg.attention)
         checkpoint_activations(model, self.cfg.activation_checkpointing)
         self.opt = build_optimizer(model, self.cfg, self.cfg.schedule.lr(0, 0))
         self.model, self.opt = self.acc.prepare(model, self.opt)
-        self.train = PackedSequences(Path(spec["manifest"]), "train")
-        self.val = PackedSequences(Path(spec["manifest"]), "val")
+        self.train = PackedSequences(Path(spec.manifest), "train")
+        self.val = PackedSequences(Path(spec.manifest), "val")
         self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
-                      "rollbacks": 0, "lineage": spec["lineage"]}
+                      "rollbacks": 0, "lineage": spec.lineage}
         self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device,
                                self.tag)
         self.monitor.params(self.precision.as_params())
         self.acc.print(f"{self.tag} precision: {self.precision.gemms} GEMMs, {self.precision.autocast} elsewhere "
                        f"({self.precision.reason})")
-        self.fired: set[int] = set()
         found = checkpoint.latest(run_dir / "checkpoints")
         if found:
             self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
@@ -118,10 +144,8 @@ class Trainer:
             sums += torch.stack([out.lm_loss, out.mtp_loss, out.balance_loss]).float().cpu() / len(micro)
         losses = self.acc.reduce(sums.to(self.acc.device), "mean").cpu()
         loss = float(losses[0])
-        faults = os.environ.get("V3FLOW_FAULT_NAN_AT_STEP", "").split(",")
-        if str(st["step"]) in faults and st["step"] not in self.fired:
-            self.fired.add(st["step"])  # test hook: a corrupted step (once; a rollback skips past its data)
-            loss = math.nan
+        for callback in self.callbacks:
+            loss = callback.on_loss(self, loss)
         metrics = {"loss": loss, "mtp_loss": float(losses[1]), "balance_loss": float(losses[2]), "lr": lr,
                    "mtp_lambda": lam, "bias_gamma": gamma, "batch_sequences": size}
         if self._guard(loss):
@@ -205,8 +229,8 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         while self.state["tokens"] < cfg.schedule.total_tokens:
-            if os.environ.get("V3FLOW_FAULT_KILL_AT_STEP") == str(self.state["step"]):
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die without any cleanup
+            for callback in self.callbacks:
+                callback.on_step_begin(self)
             metrics = self.step()
             st = self.state  # not cached across steps: a rollback replaces the state
             self.monitor.step(st, metrics, force=st["step"] % cfg.log_every == 0)
@@ -232,7 +256,7 @@ class Trainer:
             if cfg.export_hf:
                 from v3flow.model.hf_format import export_hf
 
-                export_hf(model, self.run_dir / "hf", Path(self.spec["tokenizer"]))
+                export_hf(model, self.run_dir / "hf", Path(self.spec.tokenizer))
             (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
         self.acc.wait_for_everyone()
         return final
@@ -241,7 +265,7 @@ class Trainer:
 def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     started = time.time()
-    trainer = Trainer(run_dir)
+    trainer = Trainer(run_dir, load_callbacks(os.environ.get(CALLBACKS_ENV)))
     result = trainer.run()
     print(f"{trainer.tag} done in {time.time() - started:.0f}s: {json.dumps(result)}", flush=True)
 

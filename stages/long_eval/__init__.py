@@ -28,21 +28,35 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from v3flow import training
+from v3flow.corpus import read_ds_documents
 from v3flow.evaluation import long_context as lc
 from v3flow.model.args import YarnConfig
 from v3flow.model.attention import set_attention_kernel
 from v3flow.model.transformer import IGNORE, Transformer
 from v3flow.section import Section
-from v3flow.stage import StageResult
-from stages.extend.config import ExtensionConfig, LongEvalSettings
-from stages.pack.packing import read_ds_documents
-from stages.pretrain.config import AttentionKernel
+from v3flow.stage import StageResult, StageSpec
 from v3flow.training import artifact
 from v3flow.training.data import PackedSequences
+from v3flow.training.recipe import AttentionKernel
 
 STAGE = "long_eval"
 ARMS = ("base", "base_yarn", "phase1", "phase2")
+
+
+class LongEvalSettings(Section):
+    """The config's `extension.eval`: the four-arm long-context evaluation (v3flow/evaluation/long_context.py)."""
+
+    documents: int = Field(16, gt=0, description="Held-out documents (the data stage's validation split) at least "
+                           "as long as the longest bucket; loss by position is averaged over them.")
+    passkey_depths: list[float] = Field([0.1, 0.5, 0.9], description="Needle depths (share of the haystack).")
+    passkey_trials: int = Field(2, gt=0, description="Prompts per (length, depth), each with its own key.")
+    distractors: int = Field(9, gt=0, description="Random keys the true key is ranked against.")
+    short_sequences: int = Field(256, gt=0, description="Packed validation sequences at the pretraining length "
+                                 "(at most) for the short-context regression.")
+    seed: int = 1234
 
 
 class LongEvalConfig(Section):
@@ -53,9 +67,20 @@ class LongEvalConfig(Section):
     settings: LongEvalSettings
 
 
-def section(pretrain_len: int, ext: ExtensionConfig) -> LongEvalConfig:
-    return LongEvalConfig(short_len=pretrain_len, long_len=ext.phase2.seq_len, yarn=ext.yarn,
+def section(cfg, wiring) -> LongEvalConfig:
+    """Measured at the pretraining length and phase 2's, with the extension's YaRN and attention kernel."""
+    ext = cfg.extension
+    return LongEvalConfig(short_len=cfg.data.packing.seq_len, long_len=ext.phase2.seq_len, yarn=ext.yarn,
                           attention=ext.attention, settings=ext.eval)
+
+
+SPEC = StageSpec(
+    STAGE, __name__, section, settings={"extension.eval": LongEvalSettings},
+    inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data", "short": "pack"},
+    libraries=(*training.LIBRARIES, "tokenizers", "matplotlib"),
+    headline=tuple(f"{arm}.{m}" for arm in ("base", "phase1", "phase2") for m in (
+        "passkey_exact_match", "passkey_top1", "short_val_loss", "loss.2048-4096")) + ("short_val_loss_delta",),
+    phase="extend", report=("long_context",))
 
 
 def run(cfg: LongEvalConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:

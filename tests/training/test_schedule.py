@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.pretrain.schedule import ScheduleConfig
+from v3flow.training.schedule import ScheduleConfig
 
 T = 14_800_000_000_000
 

@@ -1,6 +1,9 @@
-"""The report's training schedules (§4.2), expressed in tokens so they scale with the run.
+"""Training schedules, expressed in tokens so they scale with the run: the report's (§4.2, pretraining) and a
+constant one (context extension, §4.3). Both answer the loop's four questions for the next step: its learning
+rate, its batch (sequences), the MTP weight lambda and the bias speed gamma; the sequence-wise balance weight
+alpha is a constant of each.
 
-Shares of the 14.8T-token run (REFERENCE-DETAIL §3):
+The report's shape, as shares of the 14.8T-token run (REFERENCE-DETAIL §3):
     learning rate   linear warmup over 2K steps -> peak until 67.6 % -> cosine to 0.1 x peak at 96.6 %
                     -> 0.1 x peak until 98.9 % -> 0.0332 x peak (7.3e-6 / 2.2e-4) to the end
     batch size      ramps from 3072 to 15360 sequences over the first 3.17 % of tokens
@@ -11,6 +14,7 @@ Shares of the 14.8T-token run (REFERENCE-DETAIL §3):
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,6 +22,9 @@ from v3flow.section import Section
 
 
 class ScheduleConfig(Section):
+    """The report's schedule (pretraining)."""
+
+    kind: Literal["report"] = "report"
     total_tokens: int = Field(14_800_000_000_000, gt=0, description="Tokens of the run (DeepSeek-V3: 14.8T).")
     peak_lr: float = Field(2.2e-4, gt=0)
     warmup_steps: int = Field(2000, ge=0)
@@ -65,3 +72,33 @@ class ScheduleConfig(Section):
 
     def gamma(self, tokens: int) -> float:
         return self.bias_speed if tokens / self.total_tokens < self.bias_off_from else 0.0
+
+
+class ConstantSchedule(Section):
+    """A constant learning rate after an optional linear warmup, a fixed batch, lambda and gamma: context
+    extension's schedule (the report holds 7.3e-6, the last pretraining LR, through both phases)."""
+
+    kind: Literal["constant"] = "constant"
+    total_tokens: int = Field(gt=0, description="Tokens of the run: steps x batch x sequence length.")
+    peak_lr: float = Field(gt=0, description="The constant learning rate.")
+    warmup_steps: int = Field(0, ge=0)
+    batch: int = Field(gt=0, description="Sequences per step.")
+    mtp_weight: float = Field(ge=0, description="lambda")
+    bias_speed: float = Field(ge=0, description="gamma")
+    balance_alpha: float = Field(ge=0, description="alpha of the sequence-wise balance loss")
+
+    def lr(self, step: int, tokens: int) -> float:
+        return self.peak_lr * (step + 1) / self.warmup_steps if step < self.warmup_steps else self.peak_lr
+
+    def batch_size(self, tokens: int, multiple: int = 1) -> int:
+        return max(multiple, self.batch // multiple * multiple)
+
+    def mtp_lambda(self, tokens: int) -> float:
+        return self.mtp_weight
+
+    def gamma(self, tokens: int) -> float:
+        return self.bias_speed
+
+
+# Which schedule a recipe trains on; a config that names none gets the report's.
+Schedule = Annotated[ScheduleConfig | ConstantSchedule, Field(discriminator="kind")]

@@ -1,13 +1,16 @@
-"""Config of the pretraining stage. Defaults are the report's (§4.2); configs/tiny.yaml scales them down."""
+"""The training recipe of our loop (v3flow/training/loop.py): optimizer, precision, guards, schedule, checkpoints.
+
+It is the config's `pretrain` section, and each context-extension phase trains on a copy of it with a constant
+schedule. Defaults are the report's (§4.2); configs/tiny.yaml scales them down."""
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from v3flow.section import Section
-from stages.pretrain.schedule import ScheduleConfig
+from v3flow.training.schedule import Schedule, ScheduleConfig
 
 
 class GuardConfig(Section):
@@ -23,10 +26,11 @@ AttentionKernel = Literal["any", "memory_efficient"]  # v3flow.model.attention.s
 Recompute = Literal["none", "attention", "blocks"]  # v3flow.model.transformer.checkpoint_activations
 
 
-class PretrainConfig(Section):
+class Recipe(Section):
     unhashed: ClassVar[frozenset[str]] = frozenset(
         {"log_every", "keep_checkpoints", "figure_every", "launcher", "accelerate_config"})
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    schedule: Schedule = Field(default_factory=ScheduleConfig, description="The report's (kind: report, the "
+                               "default) or a constant learning rate (kind: constant).")
     micro_batch: int = Field(1, gt=0, description="Sequences per process per forward pass.")
     num_processes: int = Field(1, gt=0, description="Data-parallel processes (DDP over gloo on CPU, NCCL on GPU).")
     launcher: Literal["torchrun", "accelerate"] = Field(
@@ -75,21 +79,14 @@ class PretrainConfig(Section):
         "artifact folder, one of our checkpoints, or a Hugging Face deepseek_v3 folder. Weights and router "
         "biases are loaded; the optimizer and the schedule start fresh. Its files are part of the stage's key.")
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _report_by_default(cls, value):
+        return {"kind": "report", **value} if isinstance(value, dict) else value
+
     @model_validator(mode="after")
-    def _launcher_has_config(self) -> PretrainConfig:
+    def _launcher_has_config(self) -> Recipe:
         if self.launcher == "accelerate" and not self.accelerate_config:
             raise ValueError("pretrain.launcher=accelerate needs pretrain.accelerate_config (an accelerate config "
                              "YAML, e.g. configs/accelerate/fsdp2.yaml)")
         return self
-
-
-class PretrainStageConfig(Section):
-    """What the pretraining stage's outputs depend on: the architecture and the training recipe."""
-
-    model: ModelConfig
-    pretrain: PretrainConfig
-
-
-from v3flow.model.args import ModelConfig  # after the class, to keep this module's imports light
-
-PretrainStageConfig.model_rebuild()
