@@ -49,8 +49,9 @@ def dry_run(names: list[str], wires: Wiring, cfg, locate: cache.Locate = cache.i
         cached = (stage_dir / key / RESULT_FILE).is_file()
         last = None if cached else cache.last_finished(stage_dir, RESULT_FILE)
         before = cache.KeyParts.load(last) if last else None
+        changes = cache.explain(parts, before) if before else []
         out.append({"stage": name, "key": key, "cached": cached, "out_dir": str(stage_dir / key),
-                    "last_run": str(last) if last else None, "changes": cache.explain(parts, before) if before else []})
+                    "last_run": str(last) if last else None, "changes": changes})
     return out
 
 

@@ -98,10 +98,9 @@ class ChildRun(Observer):
         run_id = self._start(cached.key, cached=True, extra={"v3flow.source_run_id": source_id or ""})
         if producer:
             tracking.copy_metric_history(self.uri, source_id, run_id)
-            tracking.set_tags(self.uri, run_id, {"mlflow.note.content": f"Reused from the cache: the run that produced "
-                                                 f"these outputs, with its figures, tables and files, is "
-                                                 f"[{producer.info.run_name} ({source_id[:8]})]"
-                                                 f"({tracking.run_url(self.uri, source_id)})."})
+            note = (f"Reused from the cache: the run that produced these outputs, with its figures, tables and files, "
+                    f"is [{producer.info.run_name} ({source_id[:8]})]({tracking.run_url(self.uri, source_id)}).")
+            tracking.set_tags(self.uri, run_id, {"mlflow.note.content": note})
         tracking.log_metrics(self.uri, run_id, cached.metrics)
         tracking.end_run(self.uri, run_id)
         self._artifacts(cached, source_id if producer else run_id, note="reused from cache")

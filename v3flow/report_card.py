@@ -159,8 +159,10 @@ def _funnel(card: Card, ctx: Context, stage: str) -> None:
     packs = [s for s in ctx.order[ctx.order.index(stage) + 1:] if "packing_efficiency" in ctx.children[s].data.metrics]
     if packs:
         pack = ctx.children[packs[0]].data.metrics
-        tokens += [("packed train tokens", pack.get("train_tokens")), ("packing efficiency", pack.get("packing_efficiency"))]
-    card.table("Data funnel", ["step", "count"], [[name, value] for name, value in steps + tokens if value is not None])
+        tokens += [("packed train tokens", pack.get("train_tokens")),
+                   ("packing efficiency", pack.get("packing_efficiency"))]
+    card.table("Data funnel", ["step", "count"],
+               [[name, value] for name, value in steps + tokens if value is not None])
     if "docs_not_deduplicated" in m:
         card.text("Data funnel note", f"{int(m['docs_not_deduplicated'])} documents come from sources exempt from "
                   "dedup (task sources), so the kept count can exceed the deduplicated one.")

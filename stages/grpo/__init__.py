@@ -24,7 +24,8 @@ CURVES = {"reward": "reward", "reward_std": "reward_std", "accuracy": "rewards/a
           "clipped_ratio": trainer.CLIPPED, "zero_std_groups": trainer.ZERO_STD, "kl": "kl"}
 SPEC = StageSpec(
     STAGE, __name__, lambda cfg, wiring: GrpoStageConfig(task=cfg.posttrain.task, grpo=cfg.posttrain.grpo),
-    settings={"posttrain.task": (TaskConfig, ArithmeticSettings), "posttrain.grpo": GrpoConfig}, inputs={"model": "sft"},
+    settings={"posttrain.task": (TaskConfig, ArithmeticSettings), "posttrain.grpo": GrpoConfig},
+    inputs={"model": "sft"},
     libraries=(*posttrain.LIBRARIES, "math_verify"),
     headline=tuple(f"{m}_{end}" for m in ("reward", "accuracy", "format", "completion_length", "kl", "zero_std_groups")
                    for end in ("first", "last")),
@@ -44,7 +45,8 @@ def run(cfg: GrpoStageConfig, out_dir: Path, inputs: dict[str, StageResult], res
     datasets.Dataset.from_list(rows).to_parquet(str(prompts))
     source = inputs["model"].outputs["model"]
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir, cfg, str(prompts), g.num_processes, data={"task": task.name, "config_hash": section_hash(cfg)},
+        STAGE, trainer.__name__, inputs, out_dir, cfg, str(prompts), g.num_processes,
+        data={"task": task.name, "config_hash": section_hash(cfg)},
         extra={"trained_with": "trl.GRPOTrainer", "reference_model": source})
     steps = posttrain.read_metrics(out_dir)
     metrics = {"steps": final["steps"], "wall_time_s": wall, "s_per_step": wall / max(final["steps"], 1)}

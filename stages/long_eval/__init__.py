@@ -76,7 +76,8 @@ def section(cfg, wiring) -> LongEvalConfig:
 
 SPEC = StageSpec(
     STAGE, __name__, section, settings={"extension.eval": LongEvalSettings},
-    inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data", "short": "pack"},
+    inputs={"base": "pretrain", "phase1": "extend_phase1", "phase2": "extend_phase2", "corpus": "data",
+            "short": "pack"},
     libraries=(*training.LIBRARIES, "tokenizers", "matplotlib"),
     headline=tuple(f"{arm}.{m}" for arm in ("base", "phase1", "phase2") for m in (
         "passkey_exact_match", "passkey_top1", "short_val_loss", "loss.2048-4096")) + ("short_val_loss_delta",),

@@ -27,7 +27,8 @@ SPEC = StageSpec(
 def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=Path) -> StageResult:
     data = inputs["data"]
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir, cfg, data.outputs["sft"], cfg.num_processes, data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
+        STAGE, trainer.__name__, inputs, out_dir, cfg, data.outputs["sft"], cfg.num_processes,
+        data={"sft_data_key": data.key, "config_hash": section_hash(cfg)},
         extra={"trained_with": "trl.SFTTrainer"})
     steps = posttrain.read_metrics(out_dir)
     losses = [r["loss"] for r in steps if "loss" in r]

@@ -42,7 +42,8 @@ def run_loop(recipe: Recipe, run_dir: Path, env: dict | None = None, resolve=Pat
 
 
 def train(stage: str, model: ModelConfig, recipe: Recipe, config_hash: str, out_dir: Path,
-          inputs: dict[str, StageResult], init_from: str | None, resolve=Path, extra: dict | None = None) -> StageResult:
+          inputs: dict[str, StageResult], init_from: str | None, resolve=Path,
+          extra: dict | None = None) -> StageResult:
     """Train `model` with `recipe` on the packed data of role `data` (from `init_from` when set); returns the
     stage's result with its metrics and report table."""
     data = inputs["data"]
