@@ -149,7 +149,7 @@ try {
   step("the nightly data refresh, switched on in the UI, shows its next run in Upcoming");
 
   // 6. cancel a running pretraining from the UI
-  const trainers = () => execSync("pgrep -f 'stages[.]pretrain[.]trainer' || true").toString().trim();
+  const trainers = () => execSync("pgrep -f 'v3flow[.]training[.]loop' || true").toString().trim();
   const params = { request: { stage: "pretrain", config: "configs/micro.yaml", overrides: [], force: true } };
   const doomed = await api(`/deployments/${pretrain.id}/create_flow_run`, { parameters: params });
   for (let i = 0; !trainers(); i++) {
