@@ -224,9 +224,15 @@ def _accuracy(card: Card, ctx: Context, stage: str) -> None:
     m = ctx.children[stage].data.metrics
     arms = [a for a in ctx.views[stage].roles if f"{a}.accuracy" in m]
     ks = sorted({int(k.split("_at_")[1].split("_")[0]) for k in m if "pass_at_" in k and not k.endswith("stderr")})
-    card.table("Held-out task accuracy", ["model", "greedy accuracy", "± s.e.", *[f"pass@{k}" for k in ks], "format ok"],
-               [[a, m[f"{a}.accuracy"], m.get(f"{a}.accuracy_stderr"), *[m.get(f"{a}.pass_at_{k}") for k in ks],
-                 m.get(f"{a}.format_ok")] for a in arms])
+    gains = {after: f"{m[f'{after}.gain_over_{before}']:+.3f} ± {m[f'{after}.gain_over_{before}_stderr']:.3f}"
+             for before, after in zip(arms, arms[1:]) if f"{after}.gain_over_{before}" in m}
+    # an arm also scored in the R1 form was scored first in its own (few-shot) format: that is its accuracy
+    card.table("Held-out task accuracy (trained difficulties; gain over the model before, ± paired s.e.)",
+               ["model", "scored", "greedy accuracy", "± s.e.", *[f"pass@{k}" for k in ks], "harder", "R1 form",
+                "gain"],
+               [[a, "few-shot" if f"{a}.r1.accuracy" in m else "R1 form", m[f"{a}.accuracy"],
+                 m.get(f"{a}.accuracy_stderr"), *[m.get(f"{a}.pass_at_{k}") for k in ks], m.get(f"{a}.accuracy_harder"),
+                 m.get(f"{a}.r1.accuracy", m[f"{a}.accuracy"]), gains.get(a, "")] for a in arms])
     fig, ax = _plt().subplots(figsize=(5, 2.8))
     ax.bar(arms, [m[f"{a}.accuracy"] for a in arms], yerr=[m.get(f"{a}.accuracy_stderr", 0) for a in arms],
            color="#59a14f", capsize=4)

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.data import bpe, readers, report, steps
-from stages.data.config import DataConfig, expand, held_out_problems_stay_out
+from stages.data.config import DataConfig, digits_fit_the_task, expand, held_out_problems_stay_out
 from stages.data.quality import Normalizer, QualityFilter
 from v3flow.cache import files_fingerprint
 from v3flow.errors import DataError
@@ -41,7 +41,7 @@ SPEC = StageSpec(
     libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy"),
     headline=("docs_read", "quarantined", "docs_after_filters", "docs_after_exact_dedup", "train_documents",
               "train_tokens", "throughput_mb_s"),
-    report=("funnel",), checks=(held_out_problems_stay_out,), expand=expand)
+    report=("funnel",), checks=(held_out_problems_stay_out, digits_fit_the_task), expand=expand)
 
 
 def fingerprint(cfg: DataConfig, resolve) -> str:
@@ -126,7 +126,7 @@ def run(cfg: DataConfig, out_dir: Path, inputs: dict | None = None, resolve=Path
     with timer("train_tokenizer"):
         texts = (doc.text for doc in readers.read_documents(current))
         tok = bpe.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
-                            cfg.tokenizer.max_training_chars)
+                            cfg.tokenizer.max_training_chars, cfg.tokenizer.digits_per_token)
         tok_dir = out_dir / "tokenizer"
         tok_sha = bpe.save_tokenizer(tok, tok_dir)
 

@@ -41,20 +41,25 @@ CHAT_TEMPLATE = (
     "{% endgeneration %}{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
 )
 
+def pretokenize(digits_per_token: int = 3) -> str:
+    """The pre-tokenizer's pattern; numbers split into groups of at most `digits_per_token` digits."""
+    return PRETOKENIZE.replace("{1,3}", f"{{1,{digits_per_token}}}")
+
+
 PRETOKENIZE = (
     r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+"  # a word with at most one leading space or symbol
-    r"|\p{N}{1,3}"  # digits in groups of at most three
+    r"|\p{N}{1,3}"  # digits in groups of at most three (DeepSeek-V3's); `digits_per_token` narrows it
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*"  # a punctuation run, merged with the line breaks after it
     r"|\s*[\r\n]+"  # line breaks (with the indentation before them)
     r"|\s+(?!\S)|\s+"  # other whitespace; the last space joins the next word
 )
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(digits_per_token: int = 3) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pretokenize(digits_per_token)), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -62,9 +67,10 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, max_chars: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, max_chars: int,
+              digits_per_token: int = 3) -> Tokenizer:
     """Train on at most `max_chars` characters of `texts`; special tokens take ids 0..7 (BOS=0, EOS=1)."""
-    tok = build_tokenizer()
+    tok = build_tokenizer(digits_per_token)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(ADDED_TOKENS),
         min_frequency=min_frequency,

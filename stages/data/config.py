@@ -109,6 +109,9 @@ class TokenizerSettings(Section):
         4096, description="Byte-level BPE vocabulary incl. special tokens (DeepSeek-V3: 128K, 129,280 entries)."
     )
     min_frequency: int = Field(2, ge=1)
+    digits_per_token: int = Field(3, ge=1, le=3, description="Numbers are split into groups of at most this many "
+                                  "digits before BPE (DeepSeek-V3: 3; 1: every digit its own token, as LLaMA and "
+                                  "DeepSeek LLM do, which small models need to learn arithmetic).")
     max_training_chars: int = Field(
         200_000_000, gt=0, description="Train the BPE on at most this many characters of the deduplicated corpus."
     )
@@ -226,3 +229,12 @@ def held_out_problems_stay_out(cfg) -> None:
         if src.task is not None and src.task.model_copy(update={"train_size": task.train_size}) != task:
             raise ValueError(f"data.sources.{i}.task ({src.name}) differs from posttrain.task in more than "
                              "train_size: its documents could hold the held-out problems of the evaluation")
+
+
+def digits_fit_the_task(cfg) -> None:
+    """The arithmetic task's aligned layout writes numbers without spaces: each digit must be its own token."""
+    task = cfg.posttrain.task
+    if getattr(task, "layout", None) == "aligned" and cfg.data.tokenizer.digits_per_token != 1:
+        raise ValueError(f"posttrain.task.layout=aligned writes numbers digit by digit without spaces, but "
+                         f"data.tokenizer.digits_per_token={cfg.data.tokenizer.digits_per_token} merges digits into "
+                         "one token; set it to 1 (or use layout: columns)")

@@ -171,14 +171,15 @@ class TaskReader(BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        problems = build_task(self.settings, self.root.joinpath).problems("train")
+        task = build_task(self.settings, self.root.joinpath)
+        problems = task.problems("train")
         starts = range(0, len(problems), self.per_document)
         starts = starts if self.limit == -1 else starts[: self.limit]
         for n, start in enumerate(starts):
             if n % world_size != rank:
                 continue
             batch = problems[start: start + self.per_document]
-            doc = Document(text="\n\n".join(f"{p.question}\n{p.solution}" for p in batch),
+            doc = Document(text=task.document(batch),
                            id=f"{self.source}/{batch[0].id}", metadata={"source": self.source})
             self.update_doc_stats(doc)
             self.stat_update("documents")

@@ -13,12 +13,12 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stages.distill.config import DistillConfig, HFTeacher, OpenAITeacher, OracleTeacher
 from v3flow.errors import ConfigError
-from v3flow.tasks.arithmetic import Arithmetic, scratchpad, solve, spell
+from v3flow.tasks.arithmetic import Arithmetic, solve
 from v3flow.tasks.base import Problem, Task
 from v3flow.tasks.reasoning import END_THINK, THINK, respond
 
@@ -51,7 +51,7 @@ def build(cfg: DistillConfig, task: Task, count_tokens: Callable[[str], list[int
     if not isinstance(task, Arithmetic):
         raise ConfigError(f"posttrain.distill.teacher.kind=oracle writes arithmetic traces only; the task is "
                           f"{task.name}: use an openai or hf teacher")
-    return Oracle(teacher, cfg.max_tokens, count_tokens, decode).generate
+    return Oracle(teacher, task, cfg.max_tokens, count_tokens, decode).generate
 
 
 class OpenAIClientTeacher:
@@ -113,37 +113,37 @@ class HFModelTeacher:
 
 
 class Oracle:
-    """Correct column-by-column traces with a self-check; with probability `error_rate` one of: a digit slip
-    (caught and fixed by the check with probability `self_correct`, else answered wrongly), a broken format,
-    or rambling (the check repeated past the length limit)."""
+    """Correct column-by-column traces in the task's layout; with probability `error_rate` one of: a digit slip
+    in one column (caught right away and the column redone, R1's "wait", with probability `self_correct`, else
+    carried to a wrong answer), a broken format, or rambling (the last line repeated past the length limit)."""
 
-    def __init__(self, teacher: OracleTeacher, max_tokens: int, count_tokens, decode):
-        self.teacher, self.max_tokens, self.count_tokens, self.decode = teacher, max_tokens, count_tokens, decode
+    def __init__(self, teacher: OracleTeacher, task: Arithmetic, max_tokens: int, count_tokens, decode):
+        self.teacher, self.task, self.max_tokens = teacher, task, max_tokens
+        self.count_tokens, self.decode = count_tokens, decode
 
     def respond(self, problem: Problem, rng: random.Random) -> str:
-        a, op, b = Arithmetic.operands(problem)
-        lines, result = solve(a, op, b)
+        layout = self.task.layout
+        a, op, b = self.task.operands(problem)
+        columns, result = solve(a, op, b)
+        good = layout.lines(a, op, b)
         if rng.random() >= self.teacher.error_rate:
-            return respond(scratchpad(a, op, b), spell(result))
+            return respond("\n".join(good), problem.answer)
         mistake = rng.choices(["slip", "format", "ramble"], weights=[0.6, 0.2, 0.2])[0]
         if mistake == "format":
-            good = scratchpad(a, op, b)
-            return rng.choice([f"{good}\n{END_THINK}\n{spell(result)}",  # no <think>
-                               f"{THINK}\n{good}\n{spell(result)}",  # never closed
-                               f"{respond(good, '')}\n{respond('check', spell(result))}"])  # two blocks
+            text = "\n".join(good)
+            return rng.choice([f"{text}\n{END_THINK}\n{problem.answer}",  # no <think>
+                               f"{THINK}\n{text}\n{problem.answer}",  # never closed
+                               f"{respond(text, '')}\n{respond('check', problem.answer)}"])  # two blocks
         if mistake == "ramble":
-            check = scratchpad(a, op, b).splitlines()[-1]
-            return respond("\n".join([*lines, *[check] * rng.randint(20, 60)]), spell(result))
-        column = rng.randrange(len(lines))
-        digit = (result // 10 ** column) % 10
-        wrong = result + ((digit + rng.randint(1, 9)) % 10 - digit) * 10 ** column
-        slipped = [*lines[:column], _replace_last_digit(lines[column], (wrong // 10 ** column) % 10),
-                   *lines[column + 1:]]
-        check = scratchpad(a, op, b, result=wrong).splitlines()[-1]
+            return respond("\n".join([*good, *[good[-1]] * rng.randint(20, 60)]), problem.answer)
+        j = rng.randrange(len(columns))
+        wrong_digit = (columns[j].digit + rng.randint(1, 9)) % 10
+        slipped = layout.line(op, replace(columns[j], digit=wrong_digit), len(columns))
         if rng.random() < self.teacher.self_correct:
-            redo = scratchpad(a, op, b).splitlines()  # the check must give back a: it does not, so redo
-            return respond("\n".join([*slipped, f"{check} , not {spell(a)}", "wait , redo :", *redo]), spell(result))
-        return respond("\n".join([*slipped, check]), spell(wrong))
+            return respond("\n".join([*good[:j], slipped, f"wait, {good[j]}", *good[j + 1:]]), problem.answer)
+        wrong = result + (wrong_digit - columns[j].digit) * 10 ** j
+        lines = [*good[:j], slipped, *good[j + 1:len(columns)], *layout.check(a, op, b, wrong)]
+        return respond("\n".join(lines), layout.answer(a, op, b, wrong))
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         for request in requests:
@@ -153,7 +153,3 @@ class Oracle:
                 yield request, Completion(self.decode(ids[: self.max_tokens]), LENGTH)
             else:
                 yield request, Completion(text, STOP)
-
-
-def _replace_last_digit(line: str, digit: int) -> str:
-    return f"{line[:-1]}{digit}"

@@ -14,9 +14,10 @@ from pydantic import Field, model_validator
 
 from v3flow.section import Section
 from v3flow.tasks import TaskConfig
+from v3flow.training.posttrain_recipe import RouterAndMtp
 
 
-class GrpoConfig(Section):
+class GrpoConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_speed, mtp, mtp_refit_*)
     unhashed: ClassVar[frozenset[str]] = frozenset({"log_steps", "save_steps"})
     steps: int = Field(1000, gt=0, description="Optimizer steps; each samples a fresh group for every prompt.")
     prompts_per_step: int = Field(16, gt=0, description="Questions per step ([DSM]: batch 1024 = 16 x 64).")
@@ -41,6 +42,12 @@ class GrpoConfig(Section):
     truncation_alarm: float = Field(0.9, gt=0, le=1, description="Stop with an error when this share of completions "
                                     "hits max_completion_length for `alarm_steps` logged steps in a row.")
     alarm_steps: int = Field(3, gt=0)
+    select_prompts: int = Field(0, ge=0, description="Candidate training problems each sampled G times by the input "
+                                "model before training; only those whose pass rate lies strictly between 0 and 1 "
+                                "become prompts (a group that is all right or all wrong has no gradient). 0: every "
+                                "problem, unselected.")
+    fp32_logits: bool = Field(True, description="The LM head of the policy and the reference outside autocast: "
+                              "log-probabilities, ratio and KL from FP32 logits.")
     weight_decay: float = 0.0
     grad_clip: float = Field(1.0, gt=0)
     save_steps: int = Field(50, gt=0)
@@ -67,3 +74,12 @@ class GrpoStageConfig(Section):
 
     task: TaskConfig
     grpo: GrpoConfig
+
+
+def completions_cover_what_sft_teaches(cfg) -> None:
+    """GRPO's generation limit must leave room for the responses SFT taught (R1: 32K tokens); a shorter limit cuts
+    them and its rewards vanish."""
+    g, d = cfg.posttrain.grpo, cfg.posttrain.distill
+    if g.max_completion_length < d.max_response_tokens:
+        raise ValueError(f"posttrain.grpo.max_completion_length={g.max_completion_length} is shorter than the "
+                         f"responses SFT teaches (posttrain.distill.max_response_tokens={d.max_response_tokens})")

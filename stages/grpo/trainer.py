@@ -4,7 +4,9 @@
 
 Each step samples G completions for each of `prompts_per_step` questions, scores them with the task's rule-based
 rewards, normalises the rewards within each group, and takes one clipped policy-gradient step with the KL to the
-frozen reference model (the input model). A killed run resumes from its last checkpoint.
+frozen reference model (the input model). The router biases follow the bias-update rule over the tokens of the
+training passes, not the rollouts' (posttrain.RouterBalance), or stay frozen. A killed run resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ def main(run_dir: Path) -> None:
         shuffle_dataset=True)
     alarms = Alarms(stage, cfg.truncation_alarm, cfg.alarm_steps)
     watch = ("reward", "reward_std", "rewards/accuracy_reward/mean", "completions/mean_length", CLIPPED, ZERO_STD,
-             "kl", "loss")
+             "kl", "loss", posttrain.MAXVIO)
     rewards = bind(names, task, cfg.max_completion_length, cfg.overlong_buffer)
+    balance = posttrain.RouterBalance(model, cfg.router, cfg.bias_speed)  # counts only the passes that train
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=tokenizer,
-                          callbacks=[posttrain.MetricsLog(run_dir, stage, watch), alarms])
+                          callbacks=[balance, posttrain.MetricsLog(run_dir, stage, watch), alarms])
+    if cfg.fp32_logits:
+        for policy in (trainer.model, trainer.ref_model):
+            if policy is not None:
+                posttrain.fp32_head(policy)
     if resume:
         print(f"[{stage}] resuming from {resume}", flush=True)
     out = trainer.train(resume_from_checkpoint=resume)

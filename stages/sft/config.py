@@ -8,10 +8,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from v3flow.section import Section
+from v3flow.training.posttrain_recipe import RouterAndMtp
 
 
-class SftConfig(Section):
+class SftConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_speed, mtp, mtp_refit_*)
     unhashed: ClassVar[frozenset[str]] = frozenset({"log_steps", "save_steps"})
     epochs: float = Field(2.0, gt=0, description="Passes over the distilled data (report: 2).")
     lr: float = Field(5e-6, gt=0, description="Peak learning rate (report: 5e-6).")
@@ -25,6 +25,10 @@ class SftConfig(Section):
                           "from the others through its own position ids (the report's sample masking).")
     forms: list[Literal["original", "r1"]] = Field(default_factory=lambda: ["original", "r1"],
                                                    description="Which of the distilled forms to train on.")
+    general_share: float = Field(0.25, ge=0, lt=1, description="Share of the training tokens that are general data "
+                                 "(role `general`: the pretraining corpus's packed sequences), trained as plain language "
+                                 "model rows beside the distilled samples, so that SFT adds a skill without erasing the "
+                                 "rest (the report mixes non-reasoning data into SFT; R1: ~200K beside ~600K).")
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)

@@ -2,10 +2,11 @@
 
     python -m stages.sft.trainer RUN_DIR        (RUN_DIR/run.json is written by the stage)
 
-Prompt-completion conversations rendered with the tokenizer's chat template (DeepSeek's special tokens), loss on
-the completion only, samples packed best-fit into `max_length` sequences with their own position ids, which
-transformers turns into a block-diagonal causal mask: packed samples never see each other. A killed run
-resumes from its last checkpoint (optimizer, scheduler, RNG and data position included).
+The stage's mixture (sft_mix.parquet: token ids with the mask of the tokens that carry loss: a distilled
+sample's assistant turn, every token of a general-data row), samples packed best-fit into `max_length` sequences
+with their own position ids, which transformers turns into a block-diagonal causal mask: packed samples never see
+each other. A killed run resumes from its last checkpoint (optimizer, scheduler, RNG and data position
+included).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(run_dir: Path) -> None:
     spec = TrlSpec[SftConfig].read(run_dir)
     cfg = spec.recipe
     data = datasets.load_dataset("parquet", data_files=spec.data, split="train")
-    data = data.filter(lambda row: row["form"] in cfg.forms).select_columns(["prompt", "completion"])
+    data = data.select_columns(["input_ids", "assistant_masks"])  # tokenized: TRL builds the labels from the mask
     tokenizer = AutoTokenizer.from_pretrained(run_dir / posttrain.TOKENIZER_DIR)
     resume = posttrain.last_checkpoint(run_dir)
     model = posttrain.load_policy(spec.hf_in, packed=cfg.packing, resume=resume)
@@ -39,9 +40,10 @@ def main(run_dir: Path) -> None:
         gradient_accumulation_steps=accumulation, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
         adam_beta2=cfg.betas[1], max_grad_norm=cfg.grad_clip, max_length=cfg.max_length, packing=cfg.packing,
         packing_strategy="bfd", completion_only_loss=True)
-    watch = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm")
+    watch = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", posttrain.MAXVIO)
+    balance = posttrain.RouterBalance(model, cfg.router, cfg.bias_speed)  # before the Trainer: frozen -> no grad
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[posttrain.MetricsLog(run_dir, spec.stage, watch)])
+                         callbacks=[balance, posttrain.MetricsLog(run_dir, spec.stage, watch)])
     if resume:
         print(f"[{spec.stage}] resuming from {resume}", flush=True)
     out = trainer.train(resume_from_checkpoint=resume)

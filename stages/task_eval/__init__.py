@@ -1,9 +1,13 @@
 """Task evaluation stage: held-out accuracy of every model of the post-training chain, scored the same way
 (v3flow/evaluation/tasks.py): greedy accuracy with its standard error, pass@k from n seeded samples, accuracy
-by problem group, and the gain of each arm over the previous one on the same problems (paired standard error).
+by difficulty and by detail (arithmetic: carries), and the gain of each arm over the previous one on the same
+problems (paired standard error). The headline is the held-out problems at the trained difficulties; harder
+ones are reported apart.
 
 Arms (input roles, in chain order; each gain is over the arm before): `base` (the model before post-training),
-`sft`, `grpo` by default.
+`sft`, `grpo` by default. Every arm is scored in the R1 form; the arms in `own_format` (the base model) also
+few-shot in the format of their pretraining corpus, as the report scores base models, and that is their
+accuracy: a base model is not judged in a format it never saw.
 
     out_dir/accuracy.json   one row per arm (an MLflow table)
     out_dir/samples.json    every problem x arm: question, gold, greedy response, verdict, sampled successes
@@ -30,7 +34,10 @@ STAGE = "task_eval"
 
 class TaskEvalSettings(Section):
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
-    problems: int = Field(500, gt=0, description="Held-out problems (the first N of the task's test split).")
+    problems: int = Field(1000, gt=0, description="Held-out problems per difficulty (the first N of each).")
+    shots: int = Field(4, ge=1, description="Worked training problems before the question in the few-shot form.")
+    own_format: list[str] = Field(default_factory=lambda: ["base"], description="Arms scored few-shot too, with "
+                                  "that as their accuracy (base models: the report scores them few-shot).")
     samples: int = Field(8, ge=0, description="Sampled responses per problem for pass@k (0: greedy only).")
     ks: list[int] = Field(default_factory=lambda: [1, 8], description="pass@k reported for these k (<= samples).")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature (R1's evaluation: 0.6).")
@@ -71,30 +78,45 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
 
     e, task = cfg.eval, build(cfg.task, resolve)
     out_dir.mkdir(parents=True, exist_ok=True)
-    problems = task.problems("test")[: e.problems]
+    per_group: dict[str, list] = {}
+    for p in task.problems("test"):
+        per_group.setdefault(p.group, []).append(p)
+    problems = [p for group in per_group.values() for p in group[: e.problems]]
+    shots = task.problems("train")[: e.shots]
     arms = list(inputs)  # in chain order
+    ks = [k for k in e.ks if k <= e.samples]
     records, rows, metrics = {}, [], {}
     for arm in arms:
         source = Path(inputs[arm].outputs["model"])
         tokenizer = AutoTokenizer.from_pretrained(source / artifact.read_manifest(source)["hf"])
         model = artifact.load_model(source)
-        records[arm] = score(model, tokenizer, task, problems, e.samples, e.temperature, e.top_p, e.max_new_tokens,
-                             e.seed, e.batch_size)
-        s = summary(records[arm], [k for k in e.ks if k <= e.samples])
-        print(f"[{STAGE}] {arm}: accuracy {s['accuracy']:.1%} +- {s['accuracy_stderr']:.1%}", flush=True)
-        metrics.update({f"{arm}.{k}": v for k, v in s.items()})
-        rows.append({"arm": arm, **{k: round(v, 4) for k, v in s.items()}})
+        forms = ["few_shot", "r1"] if arm in e.own_format else ["r1"]
+        for form in forms:
+            scored = score(model, tokenizer, task, problems, e.samples, e.temperature, e.top_p, e.max_new_tokens,
+                           e.seed, e.batch_size, form, shots)
+            s = summary(scored, ks)
+            print(f"[{STAGE}] {arm} ({form}): accuracy {s['accuracy']:.1%} +- {s['accuracy_stderr']:.1%} on "
+                  f"{s['problems']} problems", flush=True)
+            if form == forms[0]:  # the arm's own format: its accuracy
+                records[arm] = scored
+                metrics.update({f"{arm}.{k}": v for k, v in s.items()})
+            else:
+                metrics.update({f"{arm}.{form}.{k}": v for k, v in s.items()})
+            rows.append({"arm": arm, "form": form, **{k: round(v, 4) for k, v in s.items()}})
     for before, after in itertools.pairwise(arms):
-        gain, se = paired_gain(records[before], records[after])
+        gain, se = paired_gain(*[[r for r in records[arm] if r["trained"]] for arm in (before, after)])
         metrics[f"{after}.gain_over_{before}"], metrics[f"{after}.gain_over_{before}_stderr"] = gain, se
-        rows[arms.index(after)][f"gain_over_{before}"] = f"{gain:+.4f} +- {se:.4f}"
+        for row in rows:
+            if row["arm"] == after:
+                row[f"gain_over_{before}"] = f"{gain:+.4f} +- {se:.4f}"
     (out_dir / "accuracy.json").write_text(json.dumps(rows, indent=2))
     samples = [{"arm": arm, **r} for arm in arms for r in records[arm]]
     (out_dir / "samples.json").write_text(json.dumps(samples, indent=2))
-    ks = [k for k in e.ks if k <= e.samples]
-    header = "| model | greedy accuracy | " + " | ".join(f"pass@{k}" for k in ks) + " | format ok | truncated | tokens |"
-    lines = [f"| {r['arm']} | {r['accuracy']:.1%} +- {r['accuracy_stderr']:.1%} | "
-             + " | ".join(f"{r[f'pass_at_{k}']:.1%}" for k in ks) + f" | {r['format_ok']:.0%} | {r['truncated']:.0%} | "
+    header = ("| model | form | greedy accuracy | " + " | ".join(f"pass@{k}" for k in ks)
+              + " | harder | format ok | truncated | tokens |")
+    lines = [f"| {r['arm']} | {r['form']} | {r['accuracy']:.1%} +- {r['accuracy_stderr']:.1%} | "
+             + " | ".join(f"{r[f'pass_at_{k}']:.1%}" for k in ks)
+             + f" | {r.get('accuracy_harder', float('nan')):.1%} | {r['format_ok']:.0%} | {r['truncated']:.0%} | "
              f"{r['mean_tokens']:.0f} |" for r in rows]
     gains = [f"- {a} over {b}: {metrics[f'{a}.gain_over_{b}']:+.1%} +- {metrics[f'{a}.gain_over_{b}_stderr']:.1%} "
              "(paired)" for b, a in itertools.pairwise(arms)]
@@ -104,7 +126,9 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         tables={"accuracy.json": str(out_dir / "accuracy.json"), "samples.json": str(out_dir / "samples.json")})
     result.report_md = "\n".join([
         f"## Held-out {task.name} accuracy", "",
-        (f"{len(problems)} held-out problems; greedy, and pass@k from {e.samples} samples at temperature "
-         f"{e.temperature:g}, top-p {e.top_p:g} (seed {e.seed})."), "",
-        header, "|---|---|" + "---|" * len(ks) + "---|---|---|", *lines, "", *gains])
+        (f"{sum(r['trained'] for r in records[arms[0]])} held-out problems at the trained difficulties (the "
+         f"headline; harder: {sum(not r['trained'] for r in records[arms[0]])} more, apart); greedy, and pass@k from "
+         f"{e.samples} samples at temperature {e.temperature:g}, top-p {e.top_p:g} (seed {e.seed}). Few-shot: "
+         f"{e.shots} worked training problems in the corpus's format, then the question."), "",
+        header, "|---|---|---|" + "---|" * len(ks) + "---|---|---|---|", *lines, "", *gains])
     return result

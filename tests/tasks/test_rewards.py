@@ -10,7 +10,7 @@ from v3flow.tasks.gsm8k import Gsm8kSettings
 from v3flow.tasks.reasoning import EMPTY_ANSWER, NO_THINK, NOT_FIRST, SEVERAL, UNCLOSED, parse
 from v3flow.tasks.rewards import accuracy_reward, bind, format_reward
 
-ARITH = build(ArithmeticSettings(max_digits=2, train_size=100, test_size=10))
+ARITH = build(ArithmeticSettings(layout="columns", max_digits=2, train_size=100, test_size=10))  # spaced digits
 MATH = build(Gsm8kSettings())
 GOOD = "<think>\n7 + 5 = 1 2\n4 + 8 + 1 = 1 3\n</think>\n1 3 2"
 

@@ -1,6 +1,10 @@
 """Held-out task accuracy of a model: greedy decoding, and pass@k from n seeded samples per problem (R1's
 evaluation samples at temperature 0.6, top-p 0.95 and averages; greedy is the deterministic number).
 
+Two forms: `r1` (the chat template with the R1 system prompt: post-trained models) and `few_shot` (worked
+training problems as the pretraining corpus holds them, then the question: how the report scores base models,
+in the format they were trained on; the continuation is judged up to its first blank line).
+
 Decoding is ours (v3flow/model/generate.py, the latent KV cache) on the standard model artifact, so every model
 of the chain is scored by the same code. Prompts of one length are decoded together (no padding).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Literal
 
 import torch
 
@@ -24,14 +29,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+Form = Literal["r1", "few_shot"]
+
+
+def prompt_ids(tokenizer, task: Task, problem: Problem, form: Form, shots: list[Problem]) -> list[int]:
+    if form == "r1":
+        return tokenizer.apply_chat_template(task.prompt(problem, "r1"), add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    # a document of the corpus starts after an EOS
+    return [tokenizer.eos_token_id, *tokenizer(task.few_shot(problem, shots), add_special_tokens=False)["input_ids"]]
+
+
 def score(model: Transformer, tokenizer, task: Task, problems: list[Problem], samples: int, temperature: float,
-          top_p: float, max_new_tokens: int, seed: int, batch_size: int = 64) -> list[dict]:
+          top_p: float, max_new_tokens: int, seed: int, batch_size: int = 64, form: Form = "r1",
+          shots: list[Problem] = ()) -> list[dict]:
     """One record per problem: the greedy response and its verdict, and how many of `samples` sampled responses
     are correct."""
     model.eval()
     eos = tokenizer.eos_token_id
-    prompts = {p.id: tokenizer.apply_chat_template(task.prompt(p, "r1"), add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"] for p in problems}
+    judge = task.judge if form == "r1" else task.judge_original
+    prompts = {p.id: prompt_ids(tokenizer, task, p, form, list(shots)) for p in problems}
     by_length: dict[int, list[Problem]] = defaultdict(list)
     for p in problems:
         by_length[len(prompts[p.id])].append(p)
@@ -44,8 +61,12 @@ def score(model: Transformer, tokenizer, task: Task, problems: list[Problem], sa
             ids = torch.tensor([prompts[p.id] for p in batch])
             greedy = _responses(sample(model, ids, max_new_tokens, eos_id=eos), length, eos, tokenizer)
             for p, (text, finished, n_tokens) in zip(batch, greedy, strict=True):
-                verdict = task.judge(text, p.answer)
-                records[p.id] = {"id": p.id, "group": p.group, "question": p.question, "gold": p.answer,
+                verdict = judge(text, p.answer)
+                if form == "few_shot":  # a base model does not stop: its answer ends at the blank line
+                    finished = finished or "\n\n" in text
+                    n_tokens = len(tokenizer(text.split("\n\n")[0], add_special_tokens=False)["input_ids"])
+                records[p.id] = {"id": p.id, "group": p.group, "detail": p.detail, "trained": task.trained(p),
+                                 "question": p.question, "gold": p.answer, "form": form,
                                  "response": text, "correct": verdict.correct, "reason": verdict.reason,
                                  "format_ok": verdict.format_ok, "finished": finished, "tokens": n_tokens,
                                  "samples": samples, "samples_correct": 0}
@@ -57,7 +78,7 @@ def score(model: Transformer, tokenizer, task: Task, problems: list[Problem], sa
                     out = sample(model, rows, max_new_tokens, temperature, top_p, eos, generator)
                     for r, (text, _, _) in enumerate(_responses(out, length, eos, tokenizer)):
                         p = chunk[r // samples]
-                        records[p.id]["samples_correct"] += int(task.judge(text, p.answer).correct)
+                        records[p.id]["samples_correct"] += int(judge(text, p.answer).correct)
     return [records[p.id] for p in problems]
 
 
@@ -71,8 +92,12 @@ def _responses(out: torch.Tensor, prompt_len: int, eos: int, tokenizer) -> list[
 
 
 def summary(records: list[dict], ks: list[int]) -> dict[str, float]:
-    """Greedy accuracy with its standard error, pass@k (averaged over problems), format and truncation shares,
-    mean response length, and greedy accuracy per group."""
+    """On the problems at trained difficulties (the headline): greedy accuracy with its standard error, pass@k
+    (averaged over problems), format and truncation shares, mean response length. Greedy accuracy per difficulty
+    (`accuracy.<group>`, harder ones included: `accuracy_harder` is theirs together) and, on the headline
+    problems, per detail (`accuracy.<detail>`, e.g. by carries)."""
+    harder = [r for r in records if not r["trained"]]
+    records = [r for r in records if r["trained"]]
     n = len(records)
     acc = sum(r["correct"] for r in records) / n
     out = {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / n), "problems": n,
@@ -86,10 +111,14 @@ def summary(records: list[dict], ks: list[int]) -> dict[str, float]:
             out[f"pass_at_{k}"] = mean  # (MLflow metric names cannot hold '@')
             spread = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
             out[f"pass_at_{k}_stderr"] = math.sqrt(spread / len(values))
-    groups = defaultdict(list)
-    for r in records:
-        groups[r["group"]].append(r["correct"])
-    for g, values in sorted(groups.items()):
-        if g:
-            out[f"accuracy.{g.replace(' ', '_')}"] = sum(values) / len(values)
+    if harder:
+        out["accuracy_harder"] = sum(r["correct"] for r in harder) / len(harder)
+        out["problems_harder"] = len(harder)
+    for key, rows in (("group", records + harder), ("detail", records)):
+        groups = defaultdict(list)
+        for r in rows:
+            groups[r[key]].append(r["correct"])
+        for g, values in sorted(groups.items()):
+            if g:
+                out[f"accuracy.{g.replace(' ', '_')}"] = sum(values) / len(values)
     return out

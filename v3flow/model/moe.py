@@ -149,10 +149,18 @@ class MoE(nn.Module):
         With data parallelism, all-reduce `loads` before calling this so every rank sees the global batch.
         """
         loads = self.loads.clone()
-        if gamma and loads.sum() > 0:
-            self.gate.bias += gamma * torch.sign(loads.mean() - loads)
+        bias_update(self.gate.bias, loads, gamma)
         self.loads.zero_()
         return loads
+
+
+@torch.no_grad()
+def bias_update(bias: torch.Tensor, loads: torch.Tensor, gamma: float) -> None:
+    """b_i += gamma * sign(mean load - load_i) in place (report §2.1.2), for any router's bias: ours, or
+    transformers' `e_score_correction_bias` while TRL trains (v3flow/training/posttrain.py)."""
+    loads = loads.float()
+    if gamma and loads.sum() > 0:
+        bias += gamma * torch.sign(loads.mean() - loads).to(bias.dtype)
 
 
 def max_violation(loads: torch.Tensor) -> float:

@@ -23,7 +23,9 @@ class Problem:
     question: str  # the user's message
     answer: str  # the gold final answer, written as the task writes answers
     solution: str  # the task's own solution: the report's "original response"
-    group: str = ""  # a label to break accuracy down by (e.g. operand digits)
+    group: str = ""  # the difficulty, as a label to break accuracy down by (e.g. "2 digits")
+    level: int = 0  # the difficulty as a number (e.g. operand digits)
+    detail: str = ""  # a second breakdown (e.g. "1 carries")
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,12 @@ class Verdict:
 
 
 class Task(ABC):
-    """Subclasses set `name` and `system_prompt` and implement `problems`, `extract` and `equal`."""
+    """Subclasses set `name` and `system_prompt` and implement `problems`, `extract`, `equal` and
+    `original_answer`."""
 
     name: str
     system_prompt: str  # asks for R1-style reasoning: the system prompt of the report's R1 form
+    trained_levels: range | None = None  # the difficulties training problems have (None: all)
 
     @abstractmethod
     def problems(self, split: Split) -> list[Problem]: ...
@@ -48,6 +52,35 @@ class Task(ABC):
 
     @abstractmethod
     def equal(self, predicted: str, gold: str) -> bool: ...
+
+    @abstractmethod
+    def original_answer(self, solution: str) -> str | None:
+        """The final answer of a solution written in the task's own form (`Problem.solution`'s), normalised as
+        `extract` returns it; None when there is none or several."""
+
+    def trained(self, problem: Problem) -> bool:
+        """Whether the problem is at a difficulty the training split has (the headline); harder ones are apart."""
+        return self.trained_levels is None or problem.level in self.trained_levels
+
+    @staticmethod
+    def document(problems: list[Problem]) -> str:
+        """Worked problems as the pretraining corpus holds them: question, solution, a blank line between."""
+        return "\n\n".join(f"{p.question}\n{p.solution}" for p in problems)
+
+    def few_shot(self, problem: Problem, shots: list[Problem]) -> str:
+        """A base model's prompt in its own format (the report scores base models few-shot): worked training
+        problems as in the corpus, then the question."""
+        return f"{self.document(shots)}\n\n{problem.question}\n"
+
+    def judge_original(self, continuation: str, gold: str) -> Verdict:
+        """A few-shot continuation judged in the task's own form: up to the first blank line (where the next
+        problem would start), its answer as the solutions write it. There is no think block to check."""
+        solution = continuation.split("\n\n")[0]
+        got = self.original_answer(solution)
+        if got is None:
+            return Verdict(False, False, UNPARSED)
+        ok = self.equal(got, gold)
+        return Verdict(True, ok, CORRECT if ok else WRONG)
 
     def judge(self, response: str, gold: str) -> Verdict:
         parsed = parse(response)

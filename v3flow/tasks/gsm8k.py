@@ -101,6 +101,10 @@ class Gsm8k(Task):
                 return content or None
         return None
 
+    def original_answer(self, solution: str) -> str | None:
+        """A worked solution ends in its boxed answer, as the responses do."""
+        return self.extract(solution)
+
     def equal(self, predicted: str, gold: str) -> bool:
         from math_verify import parse, verify
 

@@ -6,7 +6,10 @@ trainers (SFT, GRPO).
     schedule.py     the report's schedule and a constant one (context extension)
     spec.py         the typed run.json a stage writes for its trainer process (LoopSpec, TrlSpec)
     train.py        what a stage on our loop does: spec, launch, model artifact, result
-    posttrain.py    what a TRL stage does: spec, TRL trainer process, merge back into our model artifact
+    posttrain.py    what a TRL stage does: spec, TRL trainer process, router bias update (RouterBalance), merge
+                    back into our model artifact
+    posttrain_recipe.py  the router and MTP fields both TRL stages' configs share
+    mtp_refit.py    the MTP module refit on packed sequences with the trunk frozen, after TRL training
     launch.py       runs a trainer process in its own process group: one process, torchrun or `accelerate
                     launch`; kills every worker when the flow run is cancelled
     checkpoint.py   full safetensors checkpoints (weights, optimizer, RNG) with exact resume

@@ -44,7 +44,7 @@ def test_task_source_renders_training_problems_only(tmp_path):
     text = "\n\n".join(d.text.strip() for d in sorted(docs, key=lambda d: int(d.id.rsplit("-", 1)[1])))
     assert text == "\n\n".join(f"{p.question}\n{p.solution}" for p in train)
     assert not any(p.question in text for p in held_out)
-    assert "answer : " in text and "<think>" not in text  # the task's own words, not the R1 format
+    assert "answer: " in text and "<think>" not in text  # the task's own words, not the R1 format
 
 
 def test_task_source_must_keep_the_evaluation_task(tmp_path):

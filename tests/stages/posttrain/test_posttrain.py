@@ -1,5 +1,5 @@
 """Post-training stages on the micro config: distillation keeps both forms and every rejection with its reason,
-SFT and GRPO write the standard model artifact (MTP and router biases carried over, HF logits parity), packed SFT
+SFT and GRPO write the standard model artifact (router biases updated, MTP module refit, HF logits parity), packed SFT
 samples never see each other, GRPO logs its curves, the evaluation scores every arm, and a killed SFT or GRPO run
 resumes from its checkpoint to the same numbers as an uninterrupted one."""
 
@@ -51,13 +51,24 @@ def test_distillation_keeps_both_forms_and_every_rejection(chain):
 
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_post_training_writes_the_standard_model_artifact(chain, stage):
-    _, res = chain
+    cfg, res = chain
     out, source = Path(res[stage].outputs["model"]), Path(res[STAGES[stage].inputs["model"]].outputs["model"])
     manifest = artifact.read_manifest(out)
-    assert manifest["stage"] == stage and "unchanged" in manifest["mtp"] and "frozen" in manifest["router_biases"]
+    assert manifest["stage"] == stage and manifest["router_update"]["mode"] == "bias_update"
+    if stage == "sft":  # general data beside the distilled samples, at the configured share of the tokens
+        m = res["sft"].metrics
+        assert m["general_rows"] > 0 and m["general_token_share"] == pytest.approx(
+            cfg.posttrain.sft.general_share, abs=0.05)
+    refit = manifest["mtp_refit"]
+    assert refit["mode"] == "refit" and refit["held_loss_after"] < refit["held_loss_before"]
     before, after = artifact.load_state(source), artifact.load_state(out)
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mtp.") or k.endswith("gate.bias"))
+    biases = [k for k in before if k.endswith("gate.bias")]
+    assert all(not torch.equal(before[k], after[k]) for k in biases if k.startswith("layers."))  # bias update
+    assert all(torch.equal(before[k], after[k]) for k in biases if k.startswith("mtp."))  # none in the refit
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mtp."))  # refit
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("layers."))  # it trained
+    logged = posttrain.read_metrics(out)
+    assert all(posttrain.MAXVIO in r for r in logged if "loss" in r)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(out / manifest["hf"], dtype=torch.float32).eval()
@@ -90,10 +101,43 @@ def test_grpo_logs_its_curves_and_the_evaluation_scores_every_arm(chain):
                 "completions/clipped_ratio", "frac_reward_zero_std", "kl"):
         assert all(key in r for r in steps), key
     rows = json.loads(Path(res["task_eval"].outputs["accuracy"]).read_text())
-    assert [r["arm"] for r in rows] == ["base", "sft", "grpo"]
-    assert all({"accuracy", "accuracy_stderr", "pass_at_1", "pass_at_2"} <= set(r) for r in rows)
+    # the base model in its own (few-shot) format and in the R1 form; post-trained models in the R1 form
+    assert [(r["arm"], r["form"]) for r in rows] == [("base", "few_shot"), ("base", "r1"), ("sft", "r1"), ("grpo", "r1")]
+    assert all({"accuracy", "accuracy_stderr", "pass_at_1", "pass_at_2", "accuracy_harder"} <= set(r) for r in rows)
     samples = json.loads(Path(res["task_eval"].tables["samples.json"]).read_text())
-    assert len(samples) == 3 * cfg.posttrain.eval.problems
+    per_arm = 2 * cfg.posttrain.eval.problems  # per difficulty: the trained 1-digit ones and the harder 2-digit ones
+    assert len(samples) == 3 * per_arm and sum(s["trained"] for s in samples) == 3 * cfg.posttrain.eval.problems
+    assert {s["form"] for s in samples if s["arm"] == "base"} == {"few_shot"}
+    m = res["task_eval"].metrics
+    assert m["base.problems"] == cfg.posttrain.eval.problems and "base.r1.accuracy" in m
+    assert "sft.gain_over_base_stderr" in m and any(k.endswith("_carries") for k in m)
+
+
+def test_grpo_prompts_are_the_ones_the_sft_model_sometimes_solves(chain, tmp_path):
+    """The selection samples every candidate G times with the SFT model and keeps exactly the problems with a pass
+    rate strictly between 0 and 1; with none it stops with the reason. An overlong penalty that would start
+    before the model's right answers is refused."""
+    from stages import grpo
+    from v3flow.errors import ConfigError
+    from v3flow.tasks import build
+
+    cfg, res = chain
+    g = cfg.posttrain.grpo.model_copy(update={"select_prompts": 12, "num_generations": 4, "temperature": 1.0})
+    task, sft = build(cfg.posttrain.task), Path(res["sft"].outputs["model"])
+    try:
+        kept, stats = grpo.select(g, task, task.problems("train"), sft, tmp_path)
+    except ConfigError as e:
+        assert "strictly between 0 and 1" in str(e)
+        kept, stats = [], None
+    scored = json.loads((tmp_path / "selection.json").read_text())
+    assert len(scored) == 12 and [p.id for p in kept] == [r["id"] for r in scored if 0 < r["samples_correct"] < 4]
+    if stats:
+        assert stats["selection.kept"] == len(kept) and 0 < stats["selection.pass_rate"] < 1
+    right = [r["tokens"] for r in scored if r["correct"]]
+    early = g.model_copy(update={"overlong_buffer": g.max_completion_length - 1})  # the penalty from token 1 on
+    if right:
+        with pytest.raises(ConfigError, match="would punish right answers"):
+            grpo.select(early, task, task.problems("train"), sft, tmp_path)
 
 
 def _out_dir(cfg, stage: str) -> Path:
