@@ -100,7 +100,9 @@ def test_post_training_recipe(cfg):  # §5; GRPO values the report leaves out ar
     assert (p.sft.epochs, p.sft.lr, p.sft.min_lr, p.sft.packing) == (2, 5e-6, 1e-6, True)
     assert set(p.sft.forms) == {"original", "r1"}  # the report's two forms per instance
     g = p.grpo
-    assert (g.num_generations, g.prompts_per_step, g.max_completion_length, g.lr, g.beta) == (64, 16, 1024, 1e-6, 0.04)
+    assert (g.num_generations, g.prompts_per_step, g.lr, g.beta) == (64, 16, 1e-6, 0.04)
+    assert g.max_completion_length == 32768 >= p.distill.max_response_tokens  # R1's limit: what SFT teaches fits
+    assert p.sft.general_share == 0.25  # R1: ~200K non-reasoning beside ~600K reasoning samples
     assert (g.num_iterations, g.loss_type, g.rewards) == (1, "grpo", {"accuracy": 1.0, "format": 0.1})
     assert (p.eval.temperature, p.eval.top_p) == (0.6, 0.95)
     text = (ROOT / "configs" / "deepseek-v3-671b.yaml").read_text()

@@ -17,7 +17,7 @@ from tests.stages.data.helpers import write_jsonl
 from v3flow.errors import ConfigError
 from v3flow.tasks import build
 
-SOURCES = "data.sources=[{{name: code, kind: jsonl, path: {path}}}, {{dataset: arithmetic, task: {{train_size: 80}}}}]"
+SOURCES = "data.sources=[{{name: code, kind: jsonl, path: {path}}}, {{dataset: arithmetic, task: {{train_size: 60}}}}]"
 
 
 def code(n: int) -> list[dict]:
@@ -33,11 +33,11 @@ def test_task_source_renders_training_problems_only(tmp_path):
     cfg = load_config(MICRO, [SOURCES.format(path=tmp_path / "code")])
     arithmetic = cfg.data.sources[1]
     assert arithmetic.kind == "task" and not arithmetic.dedup
-    assert arithmetic.task == cfg.posttrain.task.model_copy(update={"train_size": 80})  # filled from posttrain
+    assert arithmetic.task == cfg.posttrain.task.model_copy(update={"train_size": 60})  # filled from posttrain
 
     m = run(cfg.data, tmp_path / "out", resolve=cfg.resolve).metrics
-    assert m["docs_read"] == 31 + 8 and m["docs_not_deduplicated"] == 8 and m["exact_duplicates_removed"] == 1
-    assert m["docs_after_near_dedup"] == 30 + 8
+    assert m["docs_read"] == 31 + 6 and m["docs_not_deduplicated"] == 6 and m["exact_duplicates_removed"] == 1
+    assert m["docs_after_near_dedup"] == 30 + 6
     docs = [d for d in read_documents(tmp_path / "out" / "work" / "deduped") if d.metadata["source"] == "arithmetic"]
     task = build(arithmetic.task)
     train, held_out = task.problems("train"), task.problems("test")
@@ -48,7 +48,7 @@ def test_task_source_renders_training_problems_only(tmp_path):
 
 
 def test_task_source_must_keep_the_evaluation_task(tmp_path):
-    other = SOURCES.format(path=tmp_path).replace("train_size: 80", "train_size: 80, seed: 5")
+    other = SOURCES.format(path=tmp_path).replace("train_size: 60", "train_size: 60, seed: 5")
     with pytest.raises(ConfigError, match="differs from posttrain.task .* held-out problems"):
         load_config(MICRO, [other])
     with pytest.raises(ValueError, match="kind task needs a `task`"):

@@ -70,3 +70,38 @@ def test_the_hf_teacher_samples_with_transformers(student, tmp_path):
     samples = pd.read_parquet(result.outputs["samples"])
     assert len(samples) == 6 and samples["tokens"].le(24).all()
     assert result.metrics["samples"] == 6
+
+
+@pytest.mark.parametrize("layout", ["aligned", "columns"])
+def test_the_oracle_writes_the_tasks_layout_and_its_mistakes(layout):
+    """Right traces verify; a slip caught by R1's "wait" still answers right, an uncaught one answers wrongly; a
+    format mistake or rambling is what rejection sampling must catch."""
+    import random
+
+    from stages.distill.config import OracleTeacher
+    from stages.distill.teachers import Oracle
+    from v3flow.tasks import build
+    from v3flow.tasks.arithmetic import ArithmeticSettings
+
+    task = build(ArithmeticSettings(layout=layout, max_digits=3, train_size=300, test_size=10))
+    seen = set()
+    for teacher, expect in ((OracleTeacher(error_rate=0.0), {"correct"}),
+                            (OracleTeacher(error_rate=1.0, self_correct=1.0), {"caught", "format", "ramble"}),
+                            (OracleTeacher(error_rate=1.0, self_correct=0.0), {"wrong", "format", "ramble"})):
+        oracle = Oracle(teacher, task, 10_000, str.split, " ".join)
+        kinds = set()
+        for i, p in enumerate(task.problems("train")[:60]):
+            text = oracle.respond(p, random.Random(i))
+            verdict = task.judge(text, p.answer)
+            if not verdict.format_ok:
+                kinds.add("format")
+            elif text.count("\n") > 20:
+                kinds.add("ramble")
+            elif "wait, " in text:
+                assert verdict.correct
+                kinds.add("caught")
+            else:
+                kinds.add("correct" if verdict.correct else "wrong")
+        assert kinds == expect, (teacher, kinds)
+        seen |= kinds
+    assert seen == {"correct", "caught", "wrong", "format", "ramble"}

@@ -40,7 +40,9 @@ def test_training_continues_from_an_upstream_model(tmp_path, micro_data, trained
     run_loop(write_run(run, micro_data, ["pretrain.schedule.total_tokens=2048"], init_from=init).pretrain, run)
     first, second = losses(trained), losses(run)
     start, end, resumed = first[min(first)]["loss"], first[max(first)]["loss"], second[min(second)]["loss"]
-    assert start - end > 0.5 and abs(resumed - end) < 0.3, (start, end, resumed)  # fresh init: start
+    # a fresh init would start near `start`; the loaded model starts near where the first run ended (another
+    # batch: within half of what the first run learned)
+    assert start - end > 0.5 and abs(resumed - end) < (start - end) / 2, (start, end, resumed)
     assert min(second) == 1  # a fresh schedule: step counting starts over
 
 
