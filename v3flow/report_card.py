@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,7 @@ def _accuracy(card: Card, ctx: Context, stage: str) -> None:
     arms = [a for a in ctx.views[stage].roles if f"{a}.accuracy" in m]
     ks = sorted({int(k.split("_at_")[1].split("_")[0]) for k in m if "pass_at_" in k and not k.endswith("stderr")})
     gains = {after: f"{m[f'{after}.gain_over_{before}']:+.3f} ± {m[f'{after}.gain_over_{before}_stderr']:.3f}"
-             for before, after in zip(arms, arms[1:]) if f"{after}.gain_over_{before}" in m}
+             for before, after in itertools.pairwise(arms) if f"{after}.gain_over_{before}" in m}
     # an arm also scored in the R1 form was scored first in its own (few-shot) format: that is its accuracy
     card.table("Held-out task accuracy (trained difficulties; gain over the model before, ± paired s.e.)",
                ["model", "scored", "greedy accuracy", "± s.e.", *[f"pass@{k}" for k in ks], "harder", "R1 form",
