@@ -54,10 +54,10 @@ def mixture(cfg: SftConfig, distilled: str, packed_manifest: str, hf_dir: Path, 
     general_tokens = 0
     if wanted:
         corpus = PackedSequences(Path(packed_manifest), "train")
-        position = 0
-        while general_tokens < wanted and position < corpus.size:  # the seeded order, once through at most
-            seq = corpus.batch(position, 1, cfg.seed)[0].numpy()
-            position += 1
+        for index in corpus.order(0, cfg.seed):  # the seeded order, once through at most
+            if general_tokens >= wanted:
+                break
+            seq = corpus.rows(index[None])[0].numpy()
             seq = seq[seq != corpus.pad_id]
             for start in range(0, len(seq) - 1, cfg.max_length):
                 piece = seq[start: start + cfg.max_length][: wanted - general_tokens].tolist()
