@@ -45,8 +45,22 @@ def first_run(servers, tmp_path_factory):
     return workdir, run_json(servers, "--set", f"workdir={workdir}")
 
 
+class _RetryUnavailable(httpx.HTTPTransport):
+    """Ask again on 503, as Prefect's own client does: the server answers 503 for database errors a client may retry
+    (SQLite lock contention with a served runner's polling, PrefectHQ/prefect#23051); the request was rolled back."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for wait in (0.5, 1, 2, 4, 8):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(wait)
+        return super().handle_request(request)
+
+
 def api(env) -> httpx.Client:
-    return httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    return httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30, transport=_RetryUnavailable())
 
 
 def test_mlflow_has_parent_and_child_runs(servers, first_run):
