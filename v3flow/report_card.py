@@ -225,10 +225,14 @@ def _accuracy(card: Card, ctx: Context, stage: str) -> None:
     m = ctx.children[stage].data.metrics
     arms = [a for a in ctx.views[stage].roles if f"{a}.accuracy" in m]
     ks = sorted({int(k.split("_at_")[1].split("_")[0]) for k in m if "pass_at_" in k and not k.endswith("stderr")})
-    gains = {after: f"{m[f'{after}.gain_over_{before}']:+.3f} ± {m[f'{after}.gain_over_{before}_stderr']:.3f}"
-             for before, after in itertools.pairwise(arms) if f"{after}.gain_over_{before}" in m}
+    def gain(after: str, before: str) -> str:
+        kinds = [f"{after}.{kind}_over_{before}" for kind in ("gain", "sampled_gain")]
+        return " / ".join(f"{m[k]:+.3f} ± {m[f'{k}_stderr']:.3f}" for k in kinds if k in m)
+
+    gains = {after: gain(after, before) for before, after in itertools.pairwise(arms)}
     # an arm also scored in the R1 form was scored first in its own (few-shot) format: that is its accuracy
-    card.table("Held-out task accuracy (trained difficulties; gain over the model before, ± paired s.e.)",
+    card.table("Held-out task accuracy (trained difficulties; gain over the model before, greedy / sampled pass@1, "
+               "± paired s.e.)",
                ["model", "scored", "greedy accuracy", "± s.e.", *[f"pass@{k}" for k in ks], "harder", "R1 form",
                 "gain"],
                [[a, "few-shot" if f"{a}.r1.accuracy" in m else "R1 form", m[f"{a}.accuracy"],

@@ -34,7 +34,9 @@ STAGE = "task_eval"
 
 class TaskEvalSettings(Section):
     unhashed: ClassVar[frozenset[str]] = frozenset({"batch_size"})
-    problems: int = Field(1000, gt=0, description="Held-out problems per difficulty (the first N of each).")
+    problems: int = Field(1000, gt=0, description="Held-out problems per trained difficulty (the first N of each).")
+    harder_problems: int = Field(250, ge=0, description="Held-out problems per harder difficulty (reported apart, "
+                                 "never in the headline or the gains).")
     shots: int = Field(4, ge=1, description="Worked training problems before the question in the few-shot form.")
     own_format: list[str] = Field(default_factory=lambda: ["base"], description="Arms scored few-shot too, with "
                                   "that as their accuracy (base models: the report scores them few-shot).")
@@ -62,9 +64,13 @@ SPEC = StageSpec(
     phase="posttrain", report=("accuracy",))
 
 
-def paired_gain(before: list[dict], after: list[dict]) -> tuple[float, float]:
-    """Mean per-problem difference in greedy correctness, and its standard error."""
-    d = [float(b["correct"]) - float(a["correct"]) for a, b in zip(before, after, strict=True)]
+def paired_gain(before: list[dict], after: list[dict], sampled: bool = False) -> tuple[float, float]:
+    """Mean per-problem difference in greedy correctness (`sampled`: in the share of sampled responses that are
+    right, R1's pass@1), and its standard error."""
+    def right(r: dict) -> float:
+        return r["samples_correct"] / r["samples"] if sampled else float(r["correct"])
+
+    d = [right(b) - right(a) for a, b in zip(before, after, strict=True)]
     mean = sum(d) / len(d)
     var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
     return mean, math.sqrt(var / len(d))
@@ -81,7 +87,8 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     per_group: dict[str, list] = {}
     for p in task.problems("test"):
         per_group.setdefault(p.group, []).append(p)
-    problems = [p for group in per_group.values() for p in group[: e.problems]]
+    problems = [p for group in per_group.values() for p in group[: e.problems if task.trained(group[0]) else
+                                                                   e.harder_problems]]
     shots = task.problems("train")[: e.shots]
     arms = list(inputs)  # in chain order
     ks = [k for k in e.ks if k <= e.samples]
@@ -91,8 +98,9 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
         tokenizer = AutoTokenizer.from_pretrained(source / artifact.read_manifest(source)["hf"])
         model = artifact.load_model(source)
         forms = ["few_shot", "r1"] if arm in e.own_format else ["r1"]
-        for form in forms:
-            scored = score(model, tokenizer, task, problems, e.samples, e.temperature, e.top_p, e.max_new_tokens,
+        for form in forms:  # the other form is shown beside, greedy only
+            samples = e.samples if form == forms[0] else 0
+            scored = score(model, tokenizer, task, problems, samples, e.temperature, e.top_p, e.max_new_tokens,
                            e.seed, e.batch_size, form, shots)
             s = summary(scored, ks)
             print(f"[{STAGE}] {arm} ({form}): accuracy {s['accuracy']:.1%} +- {s['accuracy_stderr']:.1%} on "
@@ -104,8 +112,13 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
                 metrics.update({f"{arm}.{form}.{k}": v for k, v in s.items()})
             rows.append({"arm": arm, "form": form, **{k: round(v, 4) for k, v in s.items()}})
     for before, after in itertools.pairwise(arms):
-        gain, se = paired_gain(*[[r for r in records[arm] if r["trained"]] for arm in (before, after)])
+        pair = [[r for r in records[arm] if r["trained"]] for arm in (before, after)]
+        gain, se = paired_gain(*pair)
         metrics[f"{after}.gain_over_{before}"], metrics[f"{after}.gain_over_{before}_stderr"] = gain, se
+        if e.samples:
+            sampled, sampled_se = paired_gain(*pair, sampled=True)
+            metrics[f"{after}.sampled_gain_over_{before}"] = sampled
+            metrics[f"{after}.sampled_gain_over_{before}_stderr"] = sampled_se
         for row in rows:
             if row["arm"] == after:
                 row[f"gain_over_{before}"] = f"{gain:+.4f} +- {se:.4f}"
@@ -115,11 +128,14 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     header = ("| model | form | greedy accuracy | " + " | ".join(f"pass@{k}" for k in ks)
               + " | harder | format ok | truncated | tokens |")
     lines = [f"| {r['arm']} | {r['form']} | {r['accuracy']:.1%} +- {r['accuracy_stderr']:.1%} | "
-             + " | ".join(f"{r[f'pass_at_{k}']:.1%}" for k in ks)
+             + " | ".join(f"{r[f'pass_at_{k}']:.1%}" if f"pass_at_{k}" in r else "-" for k in ks)
              + f" | {r.get('accuracy_harder', float('nan')):.1%} | {r['format_ok']:.0%} | {r['truncated']:.0%} | "
              f"{r['mean_tokens']:.0f} |" for r in rows]
-    gains = [f"- {a} over {b}: {metrics[f'{a}.gain_over_{b}']:+.1%} +- {metrics[f'{a}.gain_over_{b}_stderr']:.1%} "
-             "(paired)" for b, a in itertools.pairwise(arms)]
+    gains = [f"- {a} over {b}: greedy {metrics[f'{a}.gain_over_{b}']:+.1%} +- "
+             f"{metrics[f'{a}.gain_over_{b}_stderr']:.1%}"
+             + (f", sampled pass@1 {metrics[f'{a}.sampled_gain_over_{b}']:+.1%} +- "
+                f"{metrics[f'{a}.sampled_gain_over_{b}_stderr']:.1%}" if e.samples else "")
+             + " (paired)" for b, a in itertools.pairwise(arms)]
     result = StageResult(
         stage=STAGE, key=out_dir.name, out_dir=str(out_dir), outputs={"accuracy": str(out_dir / "accuracy.json")},
         metrics=metrics, artifacts=[str(out_dir / "accuracy.json")],

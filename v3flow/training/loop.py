@@ -98,8 +98,8 @@ class Trainer:
         self.model, self.opt = self.acc.prepare(model, self.opt)
         self.train = PackedSequences(Path(spec.manifest), "train")
         self.val = PackedSequences(Path(spec.manifest), "val")
-        self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "skips": 0, "skipped_total": 0,
-                      "rollbacks": 0, "lineage": spec.lineage}
+        self.state = {"step": 0, "tokens": 0, "position": 0, "ema": None, "ema_steps": 0, "skips": 0,
+                      "skipped_total": 0, "rollbacks": 0, "lineage": spec.lineage}
         self.monitor = Monitor(run_dir, self.raw, self.acc.is_main_process, self.train.seq_len, self.acc.device,
                                self.tag)
         self.monitor.params(self.precision.as_params())
@@ -159,9 +159,13 @@ class Trainer:
     def _guard(self, loss: float) -> bool:
         """True when the update may be applied; otherwise skip it, and roll back after max_skips."""
         st, g = self.state, self.cfg.guards
-        spike = st["ema"] is not None and loss > g.spike_factor * st["ema"]
+        # (a checkpoint from before the count: a mean it has is settled)
+        seen = st.get("ema_steps", 0 if st["ema"] is None else g.history)
+        spike = seen >= g.history and loss > g.spike_factor * st["ema"]
         if math.isfinite(loss) and not spike:
-            st["ema"] = loss if st["ema"] is None else g.ema * st["ema"] + (1 - g.ema) * loss
+            weight = 1 / (seen + 1) if seen < g.history else 1 - g.ema  # the plain mean first
+            st["ema"] = loss if st["ema"] is None else st["ema"] + weight * (loss - st["ema"])
+            st["ema_steps"] = seen + 1
             st["skips"] = 0
             return True
         self.opt.zero_grad(set_to_none=True)

@@ -15,10 +15,13 @@ from v3flow.training.schedule import Schedule, ScheduleConfig
 
 class GuardConfig(Section):
     """Never train on garbage: a non-finite loss, or one above spike_factor x its running mean, skips the
-    update; max_skips skipped steps in a row roll the run back to its last checkpoint."""
+    update; max_skips skipped steps in a row roll the run back to its last checkpoint. The running mean is the
+    plain mean of the first `history` losses, then exponential: one lucky first batch (a repeated long document at
+    loss 0.8 where the others are at 4) must not make every ordinary batch after it a spike."""
 
     spike_factor: float = Field(3.0, gt=1)
     ema: float = Field(0.95, gt=0, lt=1, description="Smoothing of the running mean loss.")
+    history: int = Field(10, ge=1, description="Losses averaged before a spike can be called.")
     max_skips: int = Field(3, ge=1)
 
 
