@@ -23,10 +23,17 @@ BASE = f"base: {TINY}\nname: t\n"
 
 
 def test_shipped_configs_validate():
-    for path in (MICRO, TINY):
+    for path in (MICRO, TINY, TINY.with_name("tiny-reasoning.yaml")):
         cfg = load_config(path)
         assert cfg.data.sources[0].kind == "stdlib"
     assert load_config(MICRO).data.packing.seq_len < load_config(TINY).data.packing.seq_len
+
+
+def test_more_training_problems_than_the_digits_allow_is_refused_before_any_work():
+    """It once surfaced only when the data stage drew the problems, after the run had started (tiny's corpus asked
+    for 10,000 of the 6,985 that can be drawn)."""
+    with pytest.raises(ConfigError, match=r"posttrain.task.train_size=9000: too many distinct problems .* 6,985"):
+        load_config(TINY, ["posttrain.task.train_size=9000"])
 
 
 def test_unknown_key_names_key_and_line(tmp_path):

@@ -75,7 +75,24 @@ class ArithmeticSettings(Section):
             raise ValueError(f"posttrain.task.min_digits={self.min_digits} exceeds max_digits={self.max_digits}")
         if self.max_digits + self.test_extra_digits > 9:
             raise ValueError("posttrain.task: max_digits + test_extra_digits must stay <= 9")
+        trained = range(self.min_digits, self.max_digits + 1)
+        left = sum(capacity(d, self.operations) - held_out(d, self.operations, self.test_size) for d in trained)
+        if self.train_size > left // 2:
+            raise ValueError(f"posttrain.task.train_size={self.train_size}: too many distinct problems for "
+                             f"{self.min_digits}..{self.max_digits}-digit operands ({left:,} are left outside the "
+                             f"held-out ones; at most half of them, {left // 2:,}, can be drawn); lower train_size "
+                             "or test_size, or raise max_digits")
         return self
+
+
+def capacity(digits: int, operations: list[str]) -> int:
+    """Distinct problems whose larger operand has exactly `digits` digits (subtraction: a >= b)."""
+    pairs = 10 ** (2 * digits) - (10 ** (2 * digits - 2) if digits > 1 else 0)
+    return sum(pairs if op == "+" else pairs // 2 for op in operations)
+
+
+def held_out(digits: int, operations: list[str], test_size: int) -> int:
+    return min(test_size, capacity(digits, operations) // HELD_OUT_SHARE)
 
 
 @dataclass(frozen=True)
@@ -210,29 +227,18 @@ class Arithmetic(Task):
             self._splits = self._generate()
         return self._splits[split]
 
-    def _capacity(self, digits: int) -> int:
-        pairs = 10 ** (2 * digits) - (10 ** (2 * digits - 2) if digits > 1 else 0)
-        return sum(pairs if op == "+" else pairs // 2 for op in self.settings.operations)
-
     def _generate(self) -> dict[str, list[Problem]]:
         s = self.settings
         rng = random.Random(f"arithmetic-{s.seed}")
         test: dict[tuple, Problem] = {}
         for digits in range(s.min_digits, s.max_digits + s.test_extra_digits + 1):
-            want = min(s.test_size, self._capacity(digits) // HELD_OUT_SHARE)
+            want = held_out(digits, s.operations, s.test_size)
             level: dict[tuple, Problem] = {}
             while len(level) < want:  # drawn first, so the train split never changes the held-out one
                 key = self._draw(rng, digits)
                 level.setdefault(key, self._problem(key, f"test-{len(test) + len(level)}"))
             test.update(level)
-        capacity = sum(self._capacity(d) for d in self.trained_levels)
-        left = capacity - sum(1 for p in test.values() if p.level in self.trained_levels)
-        if s.train_size > left // 2:
-            raise ValueError(f"posttrain.task.train_size={s.train_size}: too many distinct problems for "
-                             f"{s.min_digits}..{s.max_digits}-digit operands ({left:,} are left outside the held-out "
-                             f"ones; at most half of them can be drawn); lower train_size or test_size, or raise "
-                             "max_digits")
-        train: dict[tuple, Problem] = {}
+        train: dict[tuple, Problem] = {}  # at most half of what is left (the settings' check)
         while len(train) < s.train_size:
             key = self._draw(rng, rng.randint(s.min_digits, s.max_digits))
             if key not in test and key not in train:
