@@ -87,8 +87,8 @@ def run(cfg: TaskEvalStageConfig, out_dir: Path, inputs: dict[str, StageResult],
     per_group: dict[str, list] = {}
     for p in task.problems("test"):
         per_group.setdefault(p.group, []).append(p)
-    problems = [p for group in per_group.values() for p in group[: e.problems if task.trained(group[0]) else
-                                                                   e.harder_problems]]
+    quota = {g: e.problems if task.trained(group[0]) else e.harder_problems for g, group in per_group.items()}
+    problems = [p for g, group in per_group.items() for p in group[: quota[g]]]
     shots = task.problems("train")[: e.shots]
     arms = list(inputs)  # in chain order
     ks = [k for k in e.ks if k <= e.samples]
