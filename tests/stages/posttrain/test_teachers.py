@@ -58,7 +58,10 @@ def test_the_openai_teacher_distills_from_a_real_local_server(student, tmp_path)
         server.wait(timeout=60)
     samples = pd.read_parquet(result.outputs["samples"])
     assert len(samples) == 6 and set(samples["finish_reason"]) <= {"stop", "length"}
-    assert samples["response"].str.len().gt(0).all() and samples["reason"].notna().all()
+    # the server's text arrives (its sampling is unseeded: a reply may also be empty, an EOS first, and is then
+    # recorded with its rejection reason like any other)
+    assert samples["response"].str.len().gt(0).sum() >= 4 and samples["reason"].notna().all()
+    assert (samples.loc[samples["response"] == "", "reason"] != "accepted").all()
     # the server is gone: a rerun in the same folder finds every sample generated and asks nobody
     again = _distill(cfg, teacher, tmp_path / "openai", model)
     assert pd.read_parquet(again.outputs["samples"])["response"].tolist() == samples["response"].tolist()
