@@ -235,12 +235,12 @@ def test_unchanged_rerun_is_served_from_cache(servers, first_run):
     reused = client.search_runs([client.get_run(producer).info.experiment_id],
                                 filter_string=f"tags.`v3flow.source_run_id` = '{producer}'")
     assert len(reused) == 1 and reused[0].info.status == "FINISHED"
-    stub = reused[0]
+    reused_run = reused[0]
     # the reused stage's run carries the producing run's curves and links to it
-    assert [m.value for m in client.get_metric_history(stub.info.run_id, "loss")] == [
+    assert [m.value for m in client.get_metric_history(reused_run.info.run_id, "loss")] == [
         m.value for m in client.get_metric_history(producer, "loss")]
-    assert producer in stub.data.tags["mlflow.note.content"]
-    parent = client.get_run(stub.data.tags["mlflow.parentRunId"])
+    assert producer in reused_run.data.tags["mlflow.note.content"]
+    parent = client.get_run(reused_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["v3flow.reused"].split(",") == list(first)
     # registered once: the reused models keep their versions, and the champion stays
     versions = client.search_model_versions("name = 'v3flow-micro'")
