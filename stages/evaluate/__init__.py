@@ -52,6 +52,8 @@ class EvaluateConfig(EvaluateSettings):
 
     long_arms: dict[str, str] = Field(default_factory=dict, description="long_eval arm -> model stage (wiring).")
     task_arms: dict[str, str] = Field(default_factory=dict, description="task_eval arm -> model stage (wiring).")
+    document_mask: bool = Field(False, description="The validation loss attended within each document, as "
+                                "pretraining was (pretrain.document_mask): every model scored the same way.")
 
 
 def section(cfg, wiring: Wiring) -> EvaluateConfig:
@@ -61,7 +63,8 @@ def section(cfg, wiring: Wiring) -> EvaluateConfig:
     def arms(role: str) -> dict[str, str]:
         return {a: s for a, s in wiring.inputs.get(mine.get(role), {}).items() if s in wiring.models}
 
-    return EvaluateConfig(**cfg.evaluation.model_dump(), long_arms=arms("long"), task_arms=arms("tasks"))
+    return EvaluateConfig(**cfg.evaluation.model_dump(), long_arms=arms("long"), task_arms=arms("tasks"),
+                          document_mask=cfg.pretrain.document_mask)
 
 
 SPEC = StageSpec(
@@ -102,7 +105,7 @@ def run(cfg: EvaluateConfig, out_dir: Path, inputs: dict[str, StageResult], reso
     rows, batches, mtp_rows, metrics = [], [], [], {}
     for stage, folder in folders.items():
         model = artifact.load_model(folder)
-        scored = loss_and_balance(model, val, cfg.val_batches, cfg.micro_batch)
+        scored = loss_and_balance(model, val, cfg.val_batches, cfg.micro_batch, cfg.document_mask)
         m = dict(scored["metrics"])
         if cfg.mtp_prompts:
             m.update(mtp_acceptance(model, val, cfg.mtp_prompts, new_tokens=cfg.mtp_new_tokens))

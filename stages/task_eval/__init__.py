@@ -37,7 +37,9 @@ class TaskEvalSettings(Section):
     problems: int = Field(1000, gt=0, description="Held-out problems per trained difficulty (the first N of each).")
     harder_problems: int = Field(250, ge=0, description="Held-out problems per harder difficulty (reported apart, "
                                  "never in the headline or the gains).")
-    shots: int = Field(4, ge=1, description="Worked training problems before the question in the few-shot form.")
+    shots: int = Field(4, ge=0, description="Worked training problems before the question in the few-shot form; 0: "
+                       "the question alone (a model pretrained with document_mask on one-problem documents never "
+                       "saw two problems in one context).")
     own_format: list[str] = Field(default_factory=lambda: ["base"], description="Arms scored few-shot too, with "
                                   "that as their accuracy (base models: the report scores them few-shot).")
     samples: int = Field(8, ge=0, description="Sampled responses per problem for pass@k (0: greedy only).")

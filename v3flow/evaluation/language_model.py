@@ -15,9 +15,11 @@ from v3flow.training.data import PackedSequences
 
 
 @torch.no_grad()
-def loss_and_balance(model: Transformer, val: PackedSequences, batches: int, micro_batch: int) -> dict:
-    """Validation loss and perplexity over the first `batches` x `micro_batch` sequences, and the MaxVio of each
-    MoE layer over the tokens routed while scoring them (0 = every expert got the same share)."""
+def loss_and_balance(model: Transformer, val: PackedSequences, batches: int, micro_batch: int,
+                     document_mask: bool = False) -> dict:
+    """Validation loss and perplexity over the first `batches` x `micro_batch` sequences (each document attending
+    only to itself with `document_mask`), and the MaxVio of each MoE layer over the tokens routed while scoring
+    them (0 = every expert got the same share)."""
     model.eval()
     counts: list[torch.Tensor] = []
 
@@ -34,7 +36,7 @@ def loss_and_balance(model: Transformer, val: PackedSequences, batches: int, mic
         for b in range(min(batches, math.ceil(val.size / micro_batch))):
             rows = torch.arange(b * micro_batch, min((b + 1) * micro_batch, val.size)).numpy()
             inputs, targets = val.inputs_targets(val.rows(rows))
-            logits = model(inputs)
+            logits = model(inputs, documents=val.documents(inputs) if document_mask else None)
             valid = targets != IGNORE
             loss = float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
             total, tokens = total + loss, tokens + int(valid.sum())

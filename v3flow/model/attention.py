@@ -8,7 +8,8 @@
 
 Two paths, side by side as in DeepSeek's inference code:
 - `forward` (training, full sequences): expands keys and values per head and runs fused
-  scaled-dot-product attention, causal over the packed sequence (no cross-document mask, as in pretraining).
+  scaled-dot-product attention, causal over the packed sequence (no cross-document mask, as in pretraining);
+  with a `mask` (intra-document masking, an option of the training recipe), causal within each document.
 - `forward_cached` (decoding): caches only c_KV and RoPE(k_R), d_c + d_h^R values per token, and absorbs
   W_UK into the query and W_UV into the output, so attention runs directly against the latent cache.
 """
@@ -96,8 +97,10 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         return self.kv_norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [B,T,d_c], [B,T,d_h^R]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal attention over the whole sequence. x: [B, T, dim]; cos/sin: [T, d_h^R / 2]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention over the whole sequence, or where `mask` [B, 1, T, T] (True: may attend) allows.
+        x: [B, T, dim]; cos/sin: [T, d_h^R / 2]."""
         cfg = self.cfg
         B, T, _ = x.shape
         q_nope, q_pe = self._queries(x, cos, sin)
@@ -106,12 +109,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, cfg.n_heads, -1)], dim=-1)
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, d_v]
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [B, H, T, d_v]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
         if self.kernel == "any":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **causal)
         # Fused kernels want one head size for q, k and v (MLA has d_h + d_h^R for q, k and d_v for v): zero
         # padding changes no score and no output. The math fallback is excluded, so T x T is never stored.
         qk, dv = q.shape[-1], v.shape[-1]
@@ -120,7 +124,7 @@ class MLA(nn.Module):
         elif qk < dv:
             q, k = F.pad(q, (0, dv - qk)), F.pad(k, (0, dv - qk))
         with sdpa_kernel(FUSED):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., :dv]
+            return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **causal)[..., :dv]
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
                        start: int) -> torch.Tensor:

@@ -36,9 +36,9 @@ class MTPModule(nn.Module):
     def _merge(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask=None) -> torch.Tensor:
         """h_prev, emb_next: [B, T-k, dim] -> h^k: [B, T-k, dim] (before the shared head's norm)."""
-        return self.block(self._merge(h_prev, emb_next), cos, sin)
+        return self.block(self._merge(h_prev, emb_next), cos, sin, mask)
 
     def forward_cached(self, h_prev, emb_next, cos, sin, cache: LatentCache, start: int) -> torch.Tensor:
         return self.block.forward_cached(self._merge(h_prev, emb_next), cos, sin, cache, start)

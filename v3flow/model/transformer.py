@@ -26,6 +26,21 @@ from v3flow.model.rope import rope_tables
 IGNORE = -100  # targets with this value (e.g. padding) carry no loss
 
 
+def documents(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """Packed tokens [B, T] whose documents each end with `eos` -> the document index of every token [B, T]."""
+    ends = (tokens == eos).long()
+    return ends.cumsum(1) - ends
+
+
+def document_mask(documents: torch.Tensor | None) -> torch.Tensor | None:
+    """Document indices [B, T] -> attention mask [B, 1, T, T]: causal, and within the token's own document."""
+    if documents is None:
+        return None
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -34,8 +49,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
-    def forward(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
     def forward_cached(self, x: torch.Tensor, cos, sin, cache: LatentCache, start: int) -> torch.Tensor:
@@ -85,34 +100,39 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> final-norm hidden states [B, T, D]."""
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> final-norm hidden states [B, T, D]. With `documents` [B, T] (a document index per
+        token), each token attends only within its own document (intra-document masking)."""
         T = tokens.shape[1]
+        mask = document_mask(documents)
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, self.cos[:T], self.sin[:T])
+            x = layer(x, self.cos[:T], self.sin[:T], mask)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float = 0.0,
-                balance_alpha: float = 0.0) -> Output | torch.Tensor:
-        """Without targets: logits [B, T, V]. With targets [B, T] (next tokens): the training losses."""
-        h = self.hidden(tokens)
+                balance_alpha: float = 0.0, documents: torch.Tensor | None = None) -> Output | torch.Tensor:
+        """Without targets: logits [B, T, V]. With targets [B, T] (next tokens): the training losses.
+        `documents`: see `hidden`."""
+        h = self.hidden(tokens, documents)
         if targets is None:
             return self.head(h)
         lm = self.cross_entropy(h, targets) / (targets != IGNORE).sum().clamp(min=1)
-        mtp = self.mtp_loss(h, tokens, targets) if len(self.mtp) else h.new_zeros(())
+        mtp = self.mtp_loss(h, tokens, targets, documents) if len(self.mtp) else h.new_zeros(())
         balance = sum((m.balance_loss for m in self.moe_layers() if m.balance_loss is not None), h.new_zeros(()))
         loss = lm + mtp_weight * mtp + balance_alpha * balance
         return Output(loss, lm.detach(), mtp.detach(), balance.detach())
 
-    def mtp_loss(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor,
+                 documents: torch.Tensor | None = None) -> torch.Tensor:
         """(1/D) sum_k CE_k, CE_k summed over positions 0..T-k-1 and divided by the number of targets."""
         T = tokens.shape[1]
         valid = (targets != IGNORE).sum().clamp(min=1)
         total = h.new_zeros(())
         for k, module in enumerate(self.mtp, start=1):
             # position i sees h^{k-1}_i and Emb(t_{i+k}) = Emb(tokens[i + k]); it predicts targets[i + k]
-            h = module(h[:, : T - k], self.embed(tokens[:, k:]), self.cos[: T - k], self.sin[: T - k])
+            mask = None if documents is None else document_mask(documents[:, : T - k])
+            h = module(h[:, : T - k], self.embed(tokens[:, k:]), self.cos[: T - k], self.sin[: T - k], mask)
             total = total + self.cross_entropy(module.norm(h), targets[:, k:]) / valid
         return total / len(self.mtp)
 

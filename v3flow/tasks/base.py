@@ -69,8 +69,8 @@ class Task(ABC):
 
     def few_shot(self, problem: Problem, shots: list[Problem]) -> str:
         """A base model's prompt in its own format (the report scores base models few-shot): worked training
-        problems as in the corpus, then the question."""
-        return f"{self.document(shots)}\n\n{problem.question}\n"
+        problems as in the corpus, then the question (no shots: the question alone, a document of one problem)."""
+        return f"{self.document(shots)}\n\n{problem.question}\n" if shots else f"{problem.question}\n"
 
     def judge_original(self, continuation: str, gold: str) -> Verdict:
         """A few-shot continuation judged in the task's own form: up to the first blank line (where the next

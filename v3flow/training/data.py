@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v3flow.model.transformer import IGNORE
+from v3flow.model.transformer import IGNORE, documents
 
 
 class PackedSequences:
     def __init__(self, manifest: Path, split: str):
         info = json.loads(Path(manifest).read_text())
-        self.seq_len, self.pad_id = info["seq_len"], info["special_tokens"]["pad"]
+        self.seq_len, self.pad_id, self.eos_id = (info["seq_len"], info["special_tokens"]["pad"],
+                                                  info["special_tokens"]["eos"])
         folder = Path(manifest).parent
         self.shards = [np.load(folder / s["path"], mmap_mode="r") for s in info["splits"][split]["shards"]]
         self.ends = np.cumsum([len(s) for s in self.shards])
@@ -52,3 +53,7 @@ class PackedSequences:
         targets = seqs[:, 1:].clone()
         targets[targets == self.pad_id] = IGNORE
         return seqs[:, :-1], targets
+
+    def documents(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The document index of every input token (each packed document ends with EOS)."""
+        return documents(inputs, self.eos_id)

@@ -136,10 +136,11 @@ class Trainer:
         self.model.train()
         for i, seqs in enumerate(micro):
             inputs, targets = self.train.inputs_targets(seqs.to(self.acc.device))
+            docs = self.train.documents(inputs) if cfg.document_mask else None
             sync = nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.model)
             with sync:
                 with self.autocast():
-                    out = self.model(inputs, targets, mtp_weight=lam, balance_alpha=alpha)
+                    out = self.model(inputs, targets, mtp_weight=lam, balance_alpha=alpha, documents=docs)
                 self.acc.backward(out.loss / len(micro))
             sums += torch.stack([out.lm_loss, out.mtp_loss, out.balance_loss]).float().cpu() / len(micro)
         losses = self.acc.reduce(sums.to(self.acc.device), "mean").cpu()
@@ -206,8 +207,9 @@ class Trainer:
         for i in range(min(self.cfg.eval_batches, math.ceil(self.val.size / self.cfg.micro_batch))):
             idx = torch.arange(i * self.cfg.micro_batch, min((i + 1) * self.cfg.micro_batch, self.val.size))
             inputs, targets = self.val.inputs_targets(self.val.rows(idx.numpy()).to(self.acc.device))
+            docs = self.val.documents(inputs) if self.cfg.document_mask else None  # attended as in training
             with self.autocast():
-                logits = self.raw(inputs)
+                logits = self.raw(inputs, documents=docs)
             valid = targets != IGNORE
             total += float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
             count += int(valid.sum())
