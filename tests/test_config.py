@@ -112,3 +112,11 @@ def test_cli_validate_exit_codes(capsys):
     assert main(["validate", str(TINY)]) == 0
     assert main(["validate", str(TINY), "--set", "data.minhash.threshold=0.8"]) == 2
     assert "data.minhash.threshold: unknown key" in capsys.readouterr().err
+
+
+def test_task_documents_shorter_than_the_filter_are_refused():
+    """One worked problem a document is ~40 characters: the quality filter would quarantine every one."""
+    with pytest.raises(ConfigError, match=r"data.sources.1 \(arithmetic\): a document of per_document=1 .* "
+                                          r"below data.filters.min_chars=200"):
+        load_config(TINY, ["data.sources.1.per_document=1"])
+    load_config(TINY, ["data.sources.1.per_document=1", "data.filters.min_chars=30"])

@@ -29,7 +29,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.data import bpe, readers, report, steps
-from stages.data.config import DataConfig, digits_fit_the_task, expand, held_out_problems_stay_out
+from stages.data.config import (
+    DataConfig,
+    digits_fit_the_task,
+    expand,
+    held_out_problems_stay_out,
+    task_documents_pass_the_filters,
+)
 from stages.data.quality import Normalizer, QualityFilter
 from v3flow.cache import files_fingerprint
 from v3flow.errors import DataError
@@ -41,7 +47,7 @@ SPEC = StageSpec(
     libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy"),
     headline=("docs_read", "quarantined", "docs_after_filters", "docs_after_exact_dedup", "train_documents",
               "train_tokens", "throughput_mb_s"),
-    report=("funnel",), checks=(held_out_problems_stay_out, digits_fit_the_task), expand=expand)
+    report=("funnel",), checks=(held_out_problems_stay_out, digits_fit_the_task, task_documents_pass_the_filters), expand=expand)
 
 
 def fingerprint(cfg: DataConfig, resolve) -> str:

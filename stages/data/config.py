@@ -7,6 +7,7 @@ data/datasets/NAME.yaml, and `data.mixture: NAME` replaces the sources by data/m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -238,3 +239,28 @@ def digits_fit_the_task(cfg) -> None:
         raise ValueError(f"posttrain.task.layout=aligned writes numbers digit by digit without spaces, but "
                          f"data.tokenizer.digits_per_token={cfg.data.tokenizer.digits_per_token} merges digits into "
                          "one token; set it to 1 (or use layout: columns)")
+
+
+def task_documents_pass_the_filters(cfg) -> None:
+    """Worked problems are documents of `per_document` problems; a document shorter than the quality filter's
+    minimum would be quarantined, every one of them (a corpus without its task, found only in the funnel)."""
+    f = cfg.data.filters
+    for i, src in enumerate(cfg.data.sources):
+        if src.task is None or src.task.name != "arithmetic":  # GSM8K's worked solutions are paragraphs
+            continue
+        shortest = _shortest_problem(src.task.model_dump_json())
+        if shortest * src.per_document < f.min_chars:
+            raise ValueError(f"data.sources.{i} ({src.name}): a document of per_document={src.per_document} worked "
+                             f"problems can be {shortest * src.per_document} characters, below data.filters.min_chars="
+                             f"{f.min_chars}: such documents would be quarantined as too short; raise per_document or "
+                             "lower min_chars")
+
+
+@functools.cache
+def _shortest_problem(settings: str) -> int:
+    """Characters of the shortest worked training problem of an arithmetic task (its settings as JSON)."""
+    from v3flow.tasks import build
+    from v3flow.tasks.arithmetic import ArithmeticSettings
+
+    task = build(ArithmeticSettings.model_validate_json(settings))
+    return min(len(task.document([p])) for p in task.problems("train"))

@@ -113,7 +113,7 @@ class MLA(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
+        causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
         if self.kernel == "any":
             return F.scaled_dot_product_attention(q, k, v, scale=self.scale, **causal)
         # Fused kernels want one head size for q, k and v (MLA has d_h + d_h^R for q, k and d_v for v): zero
