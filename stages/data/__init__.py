@@ -47,7 +47,8 @@ SPEC = StageSpec(
     libraries=("datatrove", "tokenizers", "transformers", "spacy", "numpy"),
     headline=("docs_read", "quarantined", "docs_after_filters", "docs_after_exact_dedup", "train_documents",
               "train_tokens", "throughput_mb_s"),
-    report=("funnel",), checks=(held_out_problems_stay_out, digits_fit_the_task, task_documents_pass_the_filters), expand=expand)
+    report=("funnel",), checks=(held_out_problems_stay_out, digits_fit_the_task, task_documents_pass_the_filters),
+    expand=expand)
 
 
 def fingerprint(cfg: DataConfig, resolve) -> str:

@@ -121,7 +121,7 @@ def _source(cfg, folder):
     return model
 
 
-def _packed(folder, seq_len: int, pad: int = 0):
+def _packed(folder, seq_len: int, pad: int = 0, eos: int = 1):
     """A pack stage's output of counting sequences (t_{i+1} = t_i + 1): what the MTP module can learn."""
     folder.mkdir()
     g = np.random.default_rng(0)
@@ -131,7 +131,8 @@ def _packed(folder, seq_len: int, pad: int = 0):
         np.save(folder / f"{split}_00000.npy", rows)
         splits[split] = {"shards": [{"path": f"{split}_00000.npy"}]}
     manifest = folder / "manifest.json"
-    manifest.write_text(json.dumps({"seq_len": seq_len, "special_tokens": {"pad": pad}, "splits": splits}))
+    special = {"pad": pad, "eos": eos}
+    manifest.write_text(json.dumps({"seq_len": seq_len, "special_tokens": special, "splits": splits}))
     return manifest
 
 

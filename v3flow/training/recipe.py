@@ -55,7 +55,8 @@ class Recipe(Section):
         "materialises T x T scores (long sequences; an error rather than a silent fallback).")
     document_mask: bool = Field(
         False, description="Attention within each packed document only (intra-document masking, as OLMo 3 and "
-        "SmolLM3 train). The report packs documents without it (§4.1); the validation loss is computed the same way.")
+        "SmolLM3 train). The report packs documents without it (§4.1); the validation loss is computed the same way. "
+        "The mask is T x T booleans per sequence: fine at pretraining lengths, not at 128K.")
     activation_checkpointing: Recompute = Field(
         "none", description="Recompute in the backward pass to fit longer sequences: attention, the MLA sublayers "
         "(selective recompute); blocks, every block, with head and loss in chunks (128K tokens on one GPU).")
