@@ -115,7 +115,7 @@ def test_cli_validate_exit_codes(capsys):
 
 
 def test_task_documents_shorter_than_the_filter_are_refused():
-    """One worked problem a document is ~40 characters: the quality filter would quarantine every one."""
+    """One worked problem a document is ~32-45 characters: the quality filter would quarantine every one."""
     with pytest.raises(ConfigError, match=r"data.sources.1 \(arithmetic\): a document of per_document=1 .* "
                                           r"below data.filters.min_chars=200"):
         load_config(TINY, ["data.sources.1.per_document=1"])

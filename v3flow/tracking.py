@@ -195,7 +195,8 @@ def copy_metric_history(uri: str, source_run_id: str, run_id: str) -> int:
     c = client(uri)
     keys = list(c.get_run(source_run_id).data.metrics)
     with ThreadPoolExecutor(8) as pool:
-        points = [m for history in pool.map(lambda key: c.get_metric_history(source_run_id, key), keys) for m in history]
+        histories = pool.map(lambda key: c.get_metric_history(source_run_id, key), keys)
+        points = [m for history in histories for m in history]
     for i in range(0, len(points), 1000):
         c.log_batch(run_id, metrics=points[i : i + 1000])
     return len(keys)

@@ -36,9 +36,9 @@ def test_a_masked_packed_document_equals_the_document_alone():
     assert torch.allclose(masked, reference, atol=1e-4, rtol=1e-4)
     assert (plain - reference).abs().max() > 1e-2
 
-    # the training losses too (MTP included): the second document's targets alone, packed and masked
-    # the second document's targets only; its first target too is left out, as the MTP module predicts it from
-    # the position before the document (the first document's EOS), which the document alone does not have
+    # the training losses too (MTP included), on the second document's targets only; its first target is left
+    # out, as the MTP module predicts it from the position before the document (the first document's EOS), which
+    # the document alone does not have
     targets = torch.cat([packed[:, 1:], torch.tensor([[IGNORE]])], 1)
     targets[:, : first.shape[1] + 2] = IGNORE
     alone_targets = torch.cat([alone[:, 1:], torch.tensor([[IGNORE]])], 1)
