@@ -18,6 +18,7 @@ fault injection (a SIGKILL, a NaN loss) is installed this way.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 from v3flow.evaluation.language_model import mtp_acceptance
 from v3flow.model.attention import set_attention_kernel
@@ -42,6 +43,7 @@ from v3flow.training.recipe import Recipe
 from v3flow.training.spec import LoopSpec
 
 CALLBACKS_ENV = "V3FLOW_TRAINER_CALLBACKS"
+PRECISION = "precision.json"  # the run's precision, as first chosen
 
 
 class Callback:
@@ -90,7 +92,8 @@ class Trainer:
         if spec.init_from:  # weights and router biases; a checkpoint of this run, if any, wins below
             model.load_state_dict(artifact.load_state(Path(spec.init_from)))
             self.acc.print(f"{self.tag} initialised from {spec.init_from}")
-        self.precision = precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
+        found = checkpoint.latest(run_dir / "checkpoints")
+        self.precision = self._precision(run_dir, resuming=found is not None)
         self.raw = precision.apply(model, self.precision)
         set_attention_kernel(model, self.cfg.attention)
         checkpoint_activations(model, self.cfg.activation_checkpointing)
@@ -105,10 +108,22 @@ class Trainer:
         self.monitor.params(self.precision.as_params())
         self.acc.print(f"{self.tag} precision: {self.precision.gemms} GEMMs, {self.precision.autocast} elsewhere "
                        f"({self.precision.reason})")
-        found = checkpoint.latest(run_dir / "checkpoints")
         if found:
             self.state = checkpoint.load(found, self.raw, self.opt.optimizer)
             self.acc.print(f"{self.tag} resumed from {found.name} at step {self.state['step']}")
+
+    def _precision(self, run_dir: Path, resuming: bool) -> precision.Precision:
+        """Chosen once a run, by rank 0, for every rank: a restarted run keeps its first choice, since `auto`
+        times a matmul of each dtype and may decide otherwise where BF16 and FP32 run about as fast."""
+        path = run_dir / PRECISION
+        if resuming and path.is_file():
+            return precision.Precision(**json.loads(path.read_text()))
+        chosen = [precision.choose(self.cfg.precision, self.cfg.high_precision, self.acc.device)
+                  if self.acc.is_main_process else None]
+        chosen = broadcast_object_list(chosen)[0]
+        if self.acc.is_main_process:
+            path.write_text(json.dumps(dataclasses.asdict(chosen)))
+        return chosen
 
     def autocast(self) -> torch.autocast:
         """BF16 for what is not an FP8 GEMM, where the precision choice says so."""

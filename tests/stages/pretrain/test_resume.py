@@ -11,7 +11,7 @@ from tests.training import faults
 from v3flow.training.train import TrainingError, run_loop
 
 
-def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data):
+def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_data, capfd):
     straight = tmp_path / "straight"
     cfg = write_run(straight, micro_data)
     run_loop(cfg.pretrain, straight)
@@ -21,7 +21,13 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(tmp_path, micro_da
     with pytest.raises(TrainingError, match="status -9"):
         run_loop(cfg.pretrain, killed, env=faults.env(kill_at=8))  # after the step-5 checkpoint
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005"]
+    # the restart keeps the precision its run chose (auto times matmuls: where BF16 and FP32 run about as fast,
+    # a second timing may decide otherwise, and the resumed steps would differ)
+    chosen = json.loads((killed / "precision.json").read_text())
+    (killed / "precision.json").write_text(json.dumps({**chosen, "reason": "the run's first choice"}))
+    capfd.readouterr()
     run_loop(cfg.pretrain, killed)
+    assert "the run's first choice" in capfd.readouterr().out
 
     a, b = losses(straight), losses(killed)
     assert a.keys() == b.keys() and len(a) >= 10
