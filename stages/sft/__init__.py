@@ -18,6 +18,8 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
+
 from stages.sft import trainer
 from stages.sft.config import SftConfig
 from v3flow.section import section_hash
@@ -32,10 +34,22 @@ SPEC = StageSpec(
     phase="posttrain", curves=("loss",))
 
 
-def mixture(cfg: SftConfig, distilled: str, packed_manifest: str, hf_dir: Path, out: Path) -> dict[str, int]:
+def pieces(seq: np.ndarray, max_length: int, eos: int | None = None) -> list[np.ndarray]:
+    """A packed corpus sequence cut into rows of at most `max_length` tokens; given `eos`, first cut after every
+    EOS, so that each row holds one document (or a piece of one)."""
+    docs = np.split(seq, np.flatnonzero(seq[:-1] == eos) + 1) if eos is not None else [seq]
+    return [doc[start: start + max_length] for doc in docs for start in range(0, len(doc), max_length)]
+
+
+def mixture(cfg: SftConfig, distilled: str, packed_manifest: str, hf_dir: Path, out: Path,
+            documents: bool = False) -> dict[str, int]:
     """The distilled samples (the configured forms) rendered with the chat template, loss on the assistant turn;
     general rows (`max_length`-token pieces of seeded-random corpus sequences, loss on every token) until they
-    hold `general_share` of the tokens; shuffled with the seed. Returns the counts."""
+    hold `general_share` of the tokens; shuffled with the seed. Returns the counts.
+
+    `documents`: the input model was pretrained attending within each packed document (pretrain.document_mask),
+    so each general row is one document (cut at its EOS), masked from the others as every packed SFT sample is;
+    otherwise a row spans documents, as that model's pretraining rows did."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -59,12 +73,11 @@ def mixture(cfg: SftConfig, distilled: str, packed_manifest: str, hf_dir: Path, 
                 break
             seq = corpus.rows(index[None])[0].numpy()
             seq = seq[seq != corpus.pad_id]
-            for start in range(0, len(seq) - 1, cfg.max_length):
-                piece = seq[start: start + cfg.max_length][: wanted - general_tokens].tolist()
-                if len(piece) < 2:
-                    break
-                rows.append({"input_ids": piece, "assistant_masks": [1] * len(piece), "source": "general"})
-                general_tokens += len(piece)
+            for piece in pieces(seq, cfg.max_length, corpus.eos_id if documents else None):
+                piece = piece[: wanted - general_tokens].tolist()
+                if len(piece) > 1:  # a row of one token has nothing to predict
+                    rows.append({"input_ids": piece, "assistant_masks": [1] * len(piece), "source": "general"})
+                    general_tokens += len(piece)
     random.Random(cfg.seed).shuffle(rows)
     datasets.Dataset.from_list(rows).to_parquet(str(out))
     return {"distilled_rows": sum(r["source"] == "distilled" for r in rows), "distilled_tokens": distilled_tokens,
@@ -79,7 +92,7 @@ def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=P
     source = Path(inputs["model"].outputs["model"])
     mix = out_dir / "sft_mix.parquet"
     counts = mixture(cfg, data.outputs["sft"], general.outputs["manifest"],
-                     source / artifact.read_manifest(source)["hf"], mix)
+                     source / artifact.read_manifest(source)["hf"], mix, documents=artifact.document_masked(source))
     print(f"[{STAGE}] mixture: {counts['distilled_rows']:,} distilled samples ({counts['distilled_tokens']:,} tokens) + "
           f"{counts['general_rows']:,} general rows ({counts['general_tokens']:,} tokens)", flush=True)
     final, wall, result = posttrain.train(

@@ -43,3 +43,13 @@ def test_refit_lowers_the_held_out_mtp_loss_and_touches_only_the_mtp_module():
     again = micro_model()
     refit_mtp(again, train, steps=15, lr=1e-2, micro_batch=4, seed=0)
     assert all(torch.equal(v, after[k]) for k, v in again.state_dict().items())  # seeded: the same module
+
+
+def test_a_document_masked_model_is_refit_within_documents():
+    """Given the EOS that ends each packed document, the refit's loss attends within documents: the same as
+    without where rows hold one document, different where a row holds two."""
+    model, rows = micro_model(), counting(4, 25, seed=2)
+    eos = int(rows.max()) + 1
+    assert mtp_loss_on(model, rows, 4, eos=eos) == mtp_loss_on(model, rows, 4)
+    rows[:, 12] = eos
+    assert mtp_loss_on(model, rows, 4, eos=eos) != mtp_loss_on(model, rows, 4)

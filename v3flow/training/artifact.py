@@ -50,6 +50,12 @@ def read_manifest(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def document_masked(path: Path) -> bool:
+    """Whether the model at `path` was trained attending within each packed document (pretrain.document_mask):
+    what is trained or scored after it on packed text should attend the same way."""
+    return bool((read_manifest(path) or {}).get("document_mask", False))
+
+
 def model_config(path: Path) -> ModelConfig:
     """The architecture of the model at `path` (any form `load_model` takes), without loading weights."""
     path = Path(path)

@@ -26,30 +26,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v3flow.model.transformer import IGNORE, Transformer
+from v3flow.model.transformer import IGNORE, Transformer, documents
 from v3flow.training.data import PackedSequences
 from v3flow.training.posttrain_recipe import RouterAndMtp
 
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0  # pretraining's AdamW (report §4.2)
 
 
-def _pairs(rows: np.ndarray, pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows [B, T] -> inputs [B, T-1] and next-token targets, padding masked from the loss."""
+def _pairs(rows: np.ndarray, pad_id: int | None, eos: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token rows [B, T] -> inputs [B, T-1], next-token targets (padding masked from the loss) and, given the `eos`
+    that ends each packed document, the document index of every input (attention within documents)."""
     seqs = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     targets = seqs[:, 1:].clone()
     if pad_id is not None:
         targets[targets == pad_id] = IGNORE
-    return seqs[:, :-1], targets
+    inputs = seqs[:, :-1]
+    return inputs, targets, documents(inputs, eos) if eos is not None else None
 
 
 @torch.no_grad()
-def mtp_loss_on(model: Transformer, sequences: np.ndarray, micro_batch: int, pad_id: int | None = None) -> float:
+def mtp_loss_on(model: Transformer, sequences: np.ndarray, micro_batch: int, pad_id: int | None = None,
+                eos: int | None = None) -> float:
     """L_MTP (before lambda) over `sequences` [N, T], weighted by each batch's targets."""
     total, weight = 0.0, 0
     for i in range(0, len(sequences), micro_batch):
-        inputs, targets = _pairs(sequences[i: i + micro_batch], pad_id)
+        inputs, targets, docs = _pairs(sequences[i: i + micro_batch], pad_id, eos)
         n = int((targets != IGNORE).sum())
-        total += float(model.mtp_loss(model.hidden(inputs), inputs, targets)) * n  # mtp_loss divides by n
+        total += float(model.mtp_loss(model.hidden(inputs, docs), inputs, targets, docs)) * n  # mtp_loss divides by n
         weight += n
     return total / max(weight, 1)
 
@@ -63,11 +66,13 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 def refit_mtp(model: Transformer, sequences: np.ndarray, steps: int, lr: float, micro_batch: int, seed: int,
-              pad_id: int | None = None, held: np.ndarray | None = None, log: str = "") -> dict[str, float]:
+              pad_id: int | None = None, held: np.ndarray | None = None, log: str = "",
+              eos: int | None = None) -> dict[str, float]:
     """Train `model.mtp` alone for `steps` AdamW steps of `micro_batch` rows of `sequences` ([N, T] token ids, in a
     seeded order, epoch after epoch). Every other parameter keeps its values and, afterwards, its requires_grad.
     Returns the training MTP loss of the first and last step and, given `held` sequences, the MTP loss on them
-    before and after. `log`: a prefix for progress lines (none when empty)."""
+    before and after. `log`: a prefix for progress lines (none when empty). `eos`: for a model trained with
+    intra-document masking, the token that ends each packed document (attention stays within documents)."""
     if not len(model.mtp):
         raise ValueError("refit_mtp: the model has no MTP module (model.mtp_depth = 0); use mtp=carry")
     rng = np.random.default_rng(seed)
@@ -83,13 +88,13 @@ def refit_mtp(model: Transformer, sequences: np.ndarray, steps: int, lr: float, 
     out: dict[str, float] = {}
     try:
         if held is not None:
-            out["held_loss_before"] = mtp_loss_on(model, held, micro_batch, pad_id)
+            out["held_loss_before"] = mtp_loss_on(model, held, micro_batch, pad_id, eos)
         started, losses = time.time(), []
         for step in range(steps):
-            inputs, targets = _pairs(sequences[order[step * micro_batch: (step + 1) * micro_batch]], pad_id)
+            inputs, targets, docs = _pairs(sequences[order[step * micro_batch: (step + 1) * micro_batch]], pad_id, eos)
             with torch.no_grad():
-                h = model.hidden(inputs)  # [B, T-1, dim], h^0 of the frozen trunk
-            loss = model.mtp_loss(h, inputs, targets)
+                h = model.hidden(inputs, docs)  # [B, T-1, dim], h^0 of the frozen trunk
+            loss = model.mtp_loss(h, inputs, targets, docs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
@@ -102,7 +107,7 @@ def refit_mtp(model: Transformer, sequences: np.ndarray, steps: int, lr: float, 
                       flush=True)
         out.update({"loss_first": losses[0], "loss_last": losses[-1]})
         if held is not None:
-            out["held_loss_after"] = mtp_loss_on(model, held, micro_batch, pad_id)
+            out["held_loss_after"] = mtp_loss_on(model, held, micro_batch, pad_id, eos)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(grads[name])
@@ -111,11 +116,12 @@ def refit_mtp(model: Transformer, sequences: np.ndarray, steps: int, lr: float, 
 
 
 def refit_from_packed(model: Transformer, manifest: Path, settings: RouterAndMtp, seed: int,
-                      log: str = "") -> dict[str, float]:
+                      log: str = "", document_mask: bool = False) -> dict[str, float]:
     """`refit_mtp` on a pack stage's output (`packed/manifest.json`): `mtp_refit_steps x mtp_refit_batch` train
-    sequences in the seeded order our loop reads them, the first `mtp_refit_eval` val sequences held out."""
+    sequences in the seeded order our loop reads them, the first `mtp_refit_eval` val sequences held out; attended
+    within each document when the model was trained so (`document_mask`)."""
     train, val = PackedSequences(manifest, "train"), PackedSequences(manifest, "val")
     sequences = train.batch(0, settings.mtp_refit_steps * settings.mtp_refit_batch, seed).numpy()
     held = val.rows(np.arange(min(settings.mtp_refit_eval, val.size))).numpy()
     return refit_mtp(model, sequences, settings.mtp_refit_steps, settings.mtp_refit_lr, settings.mtp_refit_batch,
-                     seed, pad_id=train.pad_id, held=held, log=log)
+                     seed, pad_id=train.pad_id, held=held, log=log, eos=train.eos_id if document_mask else None)

@@ -274,16 +274,17 @@ def artifact_from_trained(stage: str, source: Path, trained: Path, out_dir: Path
     exported again in the Hugging Face format, with model.json: the standard model artifact."""
     packed = _refit_data(stage, settings, mtp_data)
     model = merge_trained(source, trained)
+    masked = artifact.document_masked(source)  # post-training keeps how its input attends packed text
     refit = None
     if packed is not None and len(model.mtp):
-        refit = mtp_refit.refit_from_packed(model, packed, settings, seed, log=f"[{stage}]")
+        refit = mtp_refit.refit_from_packed(model, packed, settings, seed, log=f"[{stage}]", document_mask=masked)
     checkpoints = out_dir / "checkpoints" / "final"
     checkpoints.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoints / "model.safetensors"))
     hf_dir = export_hf(model, out_dir / "hf", tokenizer_dir=out_dir / TOKENIZER_DIR)
     notes = describe(settings, refit, has_mtp=len(model.mtp) > 0)
     artifact.write_manifest(out_dir, stage, model.cfg, lineage, data, checkpoint=checkpoints, hf=hf_dir,
-                            extra={"init_from": str(source), **notes, **extra})
+                            extra={"init_from": str(source), "document_mask": masked, **notes, **extra})
     return hf_dir
 
 

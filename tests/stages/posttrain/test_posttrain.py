@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -76,6 +77,19 @@ def test_post_training_writes_the_standard_model_artifact(chain, stage):
     tokens = torch.randint(10, 500, (2, 40))
     with torch.no_grad():
         assert torch.allclose(hf(tokens).logits, ours(tokens), atol=1e-4)
+
+
+def test_sft_general_rows_attend_as_the_input_model_was_pretrained(chain):
+    """A model pretrained with pretrain.document_mask gets one document a general row (each SFT sample attends only
+    to itself); otherwise a row spans documents as that model's pretraining rows did. Every token is kept."""
+    from stages.sft import pieces
+
+    eos, seq = 9, np.array([1, 2, 9, 3, 4, 5, 6, 7, 9, 8, 9, 4])
+    assert [p.tolist() for p in pieces(seq, 4)] == [[1, 2, 9, 3], [4, 5, 6, 7], [9, 8, 9, 4]]
+    assert [p.tolist() for p in pieces(seq, 4, eos)] == [[1, 2, 9], [3, 4, 5, 6], [7, 9], [8, 9], [4]]
+    cfg, res = chain  # micro pretrains without the mask: its SFT rows span documents
+    assert not artifact.document_masked(Path(res["extend_phase2"].outputs["model"]))
+    assert artifact.read_manifest(Path(res["sft"].outputs["model"]))["document_mask"] is False
 
 
 def test_packed_samples_do_not_see_each_other(chain):
