@@ -97,7 +97,8 @@ def test_post_training_recipe(cfg):  # §5; GRPO values the report leaves out ar
     p = cfg.posttrain
     assert p.distill.teacher.kind == "openai" and p.distill.teacher.model == "deepseek-ai/DeepSeek-R1"
     assert (p.distill.temperature, p.distill.top_p) == (0.6, 0.95)  # R1's sampling settings
-    assert (p.sft.epochs, p.sft.lr, p.sft.min_lr, p.sft.packing) == (2, 5e-6, 1e-6, True)
+    assert (p.sft.epochs, p.sft.lr, p.sft.min_lr_ratio, p.sft.packing) == (2, 5e-6, 0.2, True)  # 5e-6 -> 1e-6
+    assert p.sft.lr == pytest.approx(p.sft.lr_scale * cfg.pretrain.schedule.peak_lr)  # the default: the same
     assert set(p.sft.forms) == {"original", "r1"}  # the report's two forms per instance
     g = p.grpo
     assert (g.num_generations, g.prompts_per_step, g.lr, g.beta) == (64, 16, 1e-6, 0.04)

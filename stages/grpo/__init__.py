@@ -77,23 +77,24 @@ def run(cfg: GrpoStageConfig, out_dir: Path, inputs: dict[str, StageResult], res
     import datasets
 
     g, task = cfg.grpo, build(cfg.task, resolve)
+    source = inputs["model"].outputs["model"]
+    lr, lr_from = posttrain.peak_lr(STAGE, g, Path(source))
     out_dir.mkdir(parents=True, exist_ok=True)
     needed = g.steps * g.prompts_per_step
     problems, stats = task.problems("train"), {}
     if g.select_prompts:
-        problems, stats = select(g, task, problems, Path(inputs["model"].outputs["model"]), out_dir)
+        problems, stats = select(g, task, problems, Path(source), out_dir)
     rows = [{"prompt": task.prompt(p, "r1"), "answer": p.answer, "problem_id": p.id}
             for p in (problems * (needed // len(problems) + 1))[:needed]]
     prompts = out_dir / "prompts.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(prompts))
-    source = inputs["model"].outputs["model"]
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir, cfg, str(prompts), g.num_processes,
-        data={"task": task.name, "config_hash": section_hash(cfg)},
-        extra={"trained_with": "trl.GRPOTrainer", "reference_model": source}, settings=g, seed=g.seed,
-        mtp_data=inputs["general"].outputs["manifest"])
+        STAGE, trainer.__name__, inputs, out_dir, cfg.model_copy(update={"grpo": g.model_copy(update={"lr": lr})}),
+        str(prompts), g.num_processes, data={"task": task.name, "config_hash": section_hash(cfg)},
+        extra={"trained_with": "trl.GRPOTrainer", "reference_model": source, "learning_rate": lr,
+               "learning_rate_from": lr_from}, settings=g, seed=g.seed, mtp_data=inputs["general"].outputs["manifest"])
     steps = posttrain.read_metrics(out_dir)
-    metrics = {"steps": final["steps"], "wall_time_s": wall, "s_per_step": wall / max(final["steps"], 1)}
+    metrics = {"steps": final["steps"], "wall_time_s": wall, "s_per_step": wall / max(final["steps"], 1), "lr": lr}
     for name, key in CURVES.items():
         values = [r[key] for r in steps if key in r]
         if values:
@@ -106,7 +107,7 @@ def run(cfg: GrpoStageConfig, out_dir: Path, inputs: dict[str, StageResult], res
     result.report_md = "\n".join([
         "## GRPO (TRL GRPOTrainer)", "",
         (f"{final['steps']} steps x {g.prompts_per_step} prompts x G = {g.num_generations}; beta {g.beta:g}, epsilon "
-         f"{g.epsilon:g}, loss {g.loss_type}, lr {g.lr:g}, rewards {g.rewards}; {wall:,.0f} s."), "",
+         f"{g.epsilon:g}, loss {g.loss_type}, lr {lr:g} ({lr_from}), rewards {g.rewards}; {wall:,.0f} s."), "",
         "| per step (mean of the first / last fifth) | first | last |", "|---|---|---|", *table,
         "", posttrain.carried_note(out_dir)])
     return result

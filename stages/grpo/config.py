@@ -14,10 +14,10 @@ from pydantic import Field, model_validator
 
 from v3flow.section import Section
 from v3flow.tasks import TaskConfig
-from v3flow.training.posttrain_recipe import RouterAndMtp
+from v3flow.training.posttrain_recipe import InputRelativeLr, RouterAndMtp
 
 
-class GrpoConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_speed, mtp, mtp_refit_*)
+class GrpoConfig(RouterAndMtp, InputRelativeLr):  # + router, bias_speed, mtp, mtp_refit_*, lr
     unhashed: ClassVar[frozenset[str]] = frozenset({"log_steps", "save_steps"})
     steps: int = Field(1000, gt=0, description="Optimizer steps; each samples a fresh group for every prompt.")
     prompts_per_step: int = Field(16, gt=0, description="Questions per step ([DSM]: batch 1024 = 16 x 64).")
@@ -25,7 +25,8 @@ class GrpoConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_s
     max_completion_length: int = Field(1024, gt=0, description="Generation limit per sample ([DSM]: 1024).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (R1-Zero: 1.0).")
     top_p: float = Field(1.0, gt=0, le=1)
-    lr: float = Field(1e-6, gt=0, description="Constant learning rate ([DSM]: 1e-6).")
+    lr_scale: float = Field(1e-6 / 2.2e-4, gt=0, description="Constant learning rate as a multiple of the input "
+                            "model's pretraining peak, used when lr is unset ([DSM]'s 1e-6 over the report's 2.2e-4).")
     beta: float = Field(0.04, ge=0, description="KL coefficient to the reference model ([DSM]: 0.04; R1: 0.001).")
     epsilon: float = Field(0.2, gt=0, description="Clipping range (not given by the report or [DSM]; PPO's 0.2).")
     num_iterations: int = Field(1, gt=0, description="Policy updates per generated batch, mu ([DSM]: 1).")

@@ -88,23 +88,25 @@ def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=P
     from v3flow.training import artifact
 
     data, general = inputs["data"], inputs["general"]
-    out_dir.mkdir(parents=True, exist_ok=True)
     source = Path(inputs["model"].outputs["model"])
+    lr, lr_from = posttrain.peak_lr(STAGE, cfg, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
     mix = out_dir / "sft_mix.parquet"
     counts = mixture(cfg, data.outputs["sft"], general.outputs["manifest"],
                      source / artifact.read_manifest(source)["hf"], mix, documents=artifact.document_masked(source))
     print(f"[{STAGE}] mixture: {counts['distilled_rows']:,} distilled samples ({counts['distilled_tokens']:,} tokens) + "
           f"{counts['general_rows']:,} general rows ({counts['general_tokens']:,} tokens)", flush=True)
     final, wall, result = posttrain.train(
-        STAGE, trainer.__name__, inputs, out_dir, cfg, str(mix), cfg.num_processes,
+        STAGE, trainer.__name__, inputs, out_dir, cfg.model_copy(update={"lr": lr}), str(mix), cfg.num_processes,
         data={"sft_data_key": data.key, "general_data_key": general.key, "config_hash": section_hash(cfg)},
-        extra={"trained_with": "trl.SFTTrainer"}, settings=cfg, seed=cfg.seed, mtp_data=general.outputs["manifest"])
+        extra={"trained_with": "trl.SFTTrainer", "learning_rate": lr, "learning_rate_from": lr_from}, settings=cfg,
+        seed=cfg.seed, mtp_data=general.outputs["manifest"])
     steps = posttrain.read_metrics(out_dir)
     losses = [r["loss"] for r in steps if "loss" in r]
     metrics = {"train_loss": final["train_loss"], "first_loss": losses[0] if losses else float("nan"),
                "last_loss": losses[-1] if losses else float("nan"), "steps": final["steps"], "wall_time_s": wall,
                "tokens_per_epoch": final["tokens"], "tokens_per_s": final["tokens"] * cfg.epochs / wall,
-               "samples": final["samples"], "packed_sequences": final["sequences"], **counts,
+               "samples": final["samples"], "packed_sequences": final["sequences"], "peak_lr": lr, **counts,
                "general_token_share": counts["general_tokens"] / max(counts["general_tokens"] +
                                                                      counts["distilled_tokens"], 1)}
     accuracy = [r["mean_token_accuracy"] for r in steps if "mean_token_accuracy" in r]
@@ -118,7 +120,7 @@ def run(cfg: SftConfig, out_dir: Path, inputs: dict[str, StageResult], resolve=P
         (f"| distilled / general tokens | {counts['distilled_tokens']:,} / {counts['general_tokens']:,} "
          f"({metrics['general_token_share']:.0%} general) |"),
         f"| epochs / steps | {cfg.epochs:g} / {final['steps']} |",
-        f"| learning rate | cosine {cfg.lr:g} -> {cfg.min_lr:g} |",
+        f"| learning rate | cosine {lr:g} -> {lr * cfg.min_lr_ratio:g} (peak: {lr_from}) |",
         f"| loss first / last logged | {metrics['first_loss']:.4f} / {metrics['last_loss']:.4f} |",
         f"| wall time, tokens/s | {wall:,.0f} s, {metrics['tokens_per_s']:,.0f} |",
         "", posttrain.carried_note(out_dir)])

@@ -1,6 +1,7 @@
 """Config of the SFT stage. Defaults are the report's (§5.1): 2 epochs, cosine learning rate from 5e-6 down to
-1e-6, several samples packed into each sequence and masked from each other; both of the report's forms. The
-report does not give the batch, warmup or optimizer of SFT: pretraining's AdamW settings are used."""
+1e-6 (by default the same multiples of the input model's pretraining peak as these are of 2.2e-4), several samples
+packed into each sequence and masked from each other; both of the report's forms. The report does not give the
+batch, warmup or optimizer of SFT: pretraining's AdamW settings are used."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from v3flow.training.posttrain_recipe import RouterAndMtp
+from v3flow.training.posttrain_recipe import InputRelativeLr, RouterAndMtp
 
 
-class SftConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_speed, mtp, mtp_refit_*)
+class SftConfig(RouterAndMtp, InputRelativeLr):  # + router, bias_speed, mtp, mtp_refit_*, lr
     unhashed: ClassVar[frozenset[str]] = frozenset({"log_steps", "save_steps"})
     epochs: float = Field(2.0, gt=0, description="Passes over the distilled data (report: 2).")
-    lr: float = Field(5e-6, gt=0, description="Peak learning rate (report: 5e-6).")
-    min_lr: float = Field(1e-6, ge=0, description="The cosine schedule ends here (report: 1e-6).")
+    lr_scale: float = Field(5e-6 / 2.2e-4, gt=0, description="Peak learning rate as a multiple of the input model's "
+                            "pretraining peak, used when lr is unset (report: 5e-6 after 2.2e-4, 0.0227).")
+    min_lr_ratio: float = Field(0.2, ge=0, le=1, description="The cosine schedule ends at this fraction of the peak "
+                                "(report: 1e-6 / 5e-6).")
     warmup_steps: int = Field(0, ge=0)
     batch_sequences: int = Field(64, gt=0, description="Packed sequences per optimizer step, over all processes.")
     micro_batch: int = Field(1, gt=0, description="Packed sequences per process per forward pass.")
@@ -41,6 +44,4 @@ class SftConfig(RouterAndMtp):  # and its router and MTP fields (router, bias_sp
         if self.batch_sequences % (self.micro_batch * self.num_processes):
             raise ValueError(f"posttrain.sft.batch_sequences={self.batch_sequences} must be a multiple of micro_batch x "
                              f"num_processes = {self.micro_batch} x {self.num_processes}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"posttrain.sft.min_lr={self.min_lr} exceeds lr={self.lr}")
         return self

@@ -35,7 +35,8 @@ def main(run_dir: Path) -> None:
     accumulation = cfg.batch_sequences // (cfg.micro_batch * cfg.num_processes)
     args = SFTConfig(
         **posttrain.trainer_args(run_dir, spec, cfg.seed, cfg.save_steps, cfg.log_steps),
-        learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
+        learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": cfg.lr * cfg.min_lr_ratio},
         warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=accumulation, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
         adam_beta2=cfg.betas[1], max_grad_norm=cfg.grad_clip, max_length=cfg.max_length, packing=cfg.packing,

@@ -56,6 +56,12 @@ def document_masked(path: Path) -> bool:
     return bool((read_manifest(path) or {}).get("document_mask", False))
 
 
+def pretraining_peak_lr(path: Path) -> float | None:
+    """The peak learning rate of the pretraining that made the model at `path` (what post-training's relative
+    learning rates are multiples of), where its model.json records it."""
+    return (read_manifest(path) or {}).get("pretraining_peak_lr")
+
+
 def model_config(path: Path) -> ModelConfig:
     """The architecture of the model at `path` (any form `load_model` takes), without loading weights."""
     path = Path(path)

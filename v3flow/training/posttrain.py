@@ -41,7 +41,7 @@ from v3flow.model.moe import bias_update, max_violation
 from v3flow.model.transformer import Transformer
 from v3flow.stage import StageResult, chain_lineage
 from v3flow.training import artifact, launch, mtp_refit, precision
-from v3flow.training.posttrain_recipe import RouterAndMtp
+from v3flow.training.posttrain_recipe import InputRelativeLr, RouterAndMtp
 from v3flow.training.spec import TrlSpec
 
 TRAINER_DIR, TRAINED_DIR, TOKENIZER_DIR, METRICS = "trainer", "trained", "tokenizer", "metrics.jsonl"
@@ -235,6 +235,19 @@ def merge_trained(source: Path, trained: Path) -> Transformer:
     return model
 
 
+def peak_lr(stage: str, settings: InputRelativeLr, source: Path) -> tuple[float, str]:
+    """The stage's peak learning rate and where it comes from: `lr` when set, else `lr_scale` times the input
+    model's pretraining peak (its model.json); a clear error where the input records none."""
+    if settings.lr is not None:
+        return settings.lr, f"posttrain.{stage}.lr"
+    base = artifact.pretraining_peak_lr(source)
+    if base is None:
+        raise ConfigError(f"posttrain.{stage}.lr is unset, so it would be lr_scale x the pretraining peak learning "
+                          f"rate of the input model, and {source} records none (no `pretraining_peak_lr` in its "
+                          f"{artifact.MODEL_FILE}: a model from outside v3flow); set posttrain.{stage}.lr")
+    return settings.lr_scale * base, f"{settings.lr_scale:g} x the input model's pretraining peak {base:g}"
+
+
 def _refit_data(stage: str, settings: RouterAndMtp, mtp_data: Path | str | None) -> Path | None:
     if settings.mtp == "refit" and mtp_data is None:
         raise ConfigError(f"posttrain.{stage}.mtp=refit needs packed pretraining sequences, and the {stage} stage "
@@ -284,7 +297,8 @@ def artifact_from_trained(stage: str, source: Path, trained: Path, out_dir: Path
     hf_dir = export_hf(model, out_dir / "hf", tokenizer_dir=out_dir / TOKENIZER_DIR)
     notes = describe(settings, refit, has_mtp=len(model.mtp) > 0)
     artifact.write_manifest(out_dir, stage, model.cfg, lineage, data, checkpoint=checkpoints, hf=hf_dir,
-                            extra={"init_from": str(source), "document_mask": masked, **notes, **extra})
+                            extra={"init_from": str(source), "document_mask": masked,
+                                   "pretraining_peak_lr": artifact.pretraining_peak_lr(source), **notes, **extra})
     return hf_dir
 
 

@@ -1,4 +1,5 @@
-"""The part of a TRL stage's recipe (SFT, GRPO) about the two parts of DeepSeek-V3 that transformers'
+"""The parts of a TRL stage's recipe (SFT, GRPO) shared by both: its learning rate, set relative to the recipe
+that made the input model (`InputRelativeLr`), and what it does to the two parts of DeepSeek-V3 that transformers'
 `DeepseekV3ForCausalLM` does not train by itself: the router biases and the MTP module. Both stages' configs
 inherit it, so the fields, defaults and descriptions live here once.
 
@@ -34,3 +35,15 @@ class RouterAndMtp(Section):
     mtp_refit_batch: int = Field(4, gt=0, description="Packed sequences per refit step.")
     mtp_refit_eval: int = Field(16, gt=0, description="Held-out (val split) sequences the MTP loss is measured on, "
                                 "before and after the refit.")
+
+
+class InputRelativeLr(Section):
+    """The peak learning rate, absolute (`lr`) or, when that is unset, `lr_scale` times the peak learning rate of
+    the pretraining that made the input model (recorded in its model.json): a recipe scaled to another model size
+    or schedule keeps post-training's place relative to it (the report: SFT at 5e-6 after pretraining at 2.2e-4).
+    Each stage sets its own `lr_scale` default."""
+
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; unset: lr_scale x the input model's "
+                             "pretraining peak learning rate (model.json `pretraining_peak_lr`).")
+    lr_scale: float = Field(0.0227, gt=0, description="Peak learning rate as a multiple of the input model's "
+                            "pretraining peak, used when lr is unset.")

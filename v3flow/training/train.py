@@ -70,7 +70,9 @@ def train(stage: str, model: ModelConfig, recipe: Recipe, config_hash: str, out_
     hf = out_dir / "hf"
     artifact.write_manifest(out_dir, stage, model, chain, {**data_ids, "seq_len": manifest["seq_len"]},
                             checkpoint=training_checkpoint(out_dir), hf=hf if hf.is_dir() else None,
-                            extra={"init_from": init_from, "document_mask": recipe.document_mask, **(extra or {})})
+                            extra={"init_from": init_from, "document_mask": recipe.document_mask,
+                                   "pretraining_peak_lr": artifact.pretraining_peak_lr(Path(init_from)) if init_from
+                                   else recipe.schedule.peak_lr, **(extra or {})})
     result = StageResult(
         stage=stage, key=out_dir.name, out_dir=str(out_dir),
         outputs={"model": str(out_dir), "checkpoints": str(out_dir / "checkpoints"), "hf": str(hf),

@@ -60,6 +60,13 @@ def test_post_training_writes_the_standard_model_artifact(chain, stage):
         m = res["sft"].metrics
         assert m["general_rows"] > 0 and m["general_token_share"] == pytest.approx(
             cfg.posttrain.sft.general_share, abs=0.05)
+    # its learning rate is a multiple of the pretraining peak that made the model, which every artifact carries
+    peak = cfg.pretrain.schedule.peak_lr
+    assert manifest["pretraining_peak_lr"] == artifact.pretraining_peak_lr(source) == peak
+    assert manifest["learning_rate"] == pytest.approx(getattr(cfg.posttrain, stage).lr_scale * peak)
+    if stage == "sft":  # what the trainer ran: warmup to the peak, then cosine down
+        logged = [r["learning_rate"] for r in posttrain.read_metrics(out) if "learning_rate" in r]
+        assert 0.5 * manifest["learning_rate"] < max(logged) <= manifest["learning_rate"] * (1 + 1e-6)
     refit = manifest["mtp_refit"]
     assert refit["mode"] == "refit" and refit["held_loss_after"] < refit["held_loss_before"]
     before, after = artifact.load_state(source), artifact.load_state(out)
@@ -202,3 +209,19 @@ def test_a_killed_run_resumes_to_the_same_numbers(chain, tmp_path, capsys, stage
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
     final = {k: v for k, v in load_file(str(out_dir / "checkpoints" / "final" / "model.safetensors")).items()}
     assert final  # the resumed run wrote its model artifact
+
+
+def test_a_learning_rate_is_absolute_or_relative_to_the_input_models_pretraining(tmp_path):
+    from stages.grpo.config import GrpoConfig
+    from stages.sft.config import SftConfig
+    from v3flow.errors import ConfigError
+
+    made_here, from_outside = tmp_path / "ours", tmp_path / "hf"
+    made_here.mkdir(), from_outside.mkdir()
+    (made_here / artifact.MODEL_FILE).write_text(json.dumps({"pretraining_peak_lr": 2.2e-4}))
+    assert posttrain.peak_lr("sft", SftConfig(), made_here)[0] == pytest.approx(5e-6)  # the report's, by default
+    assert posttrain.peak_lr("grpo", GrpoConfig(), made_here)[0] == pytest.approx(1e-6)
+    assert posttrain.peak_lr("sft", SftConfig(lr_scale=0.5), made_here)[0] == pytest.approx(1.1e-4)
+    assert posttrain.peak_lr("sft", SftConfig(lr=3e-5), from_outside) == (3e-5, "posttrain.sft.lr")
+    with pytest.raises(ConfigError, match=r"posttrain\.grpo\.lr is unset.*set posttrain\.grpo\.lr"):
+        posttrain.peak_lr("grpo", GrpoConfig(), from_outside)
