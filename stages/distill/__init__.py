@@ -82,7 +82,7 @@ def run(cfg: DistillStageConfig, out_dir: Path, inputs: dict[str, StageResult], 
         with raw.open("a") as f:
             for n, (request, completion) in enumerate(generate(todo), 1):
                 f.write(json.dumps({"key": request.key, "text": completion.text,
-                                    "finish_reason": completion.finish_reason}) + "\n")
+                                    "finish_reason": completion.finish_reason, "tokens": completion.tokens}) + "\n")
                 f.flush()
                 if n % 500 == 0 or n == len(todo):
                     print(f"[distill] {n}/{len(todo)} samples", flush=True)
@@ -91,7 +91,7 @@ def run(cfg: DistillStageConfig, out_dir: Path, inputs: dict[str, StageResult], 
     samples, accepted = [], {}
     for request in requests:
         text, finish = done[request.key]["text"], done[request.key]["finish_reason"]
-        p, tokens = request.problem, len(encode(text))
+        p, tokens = request.problem, done[request.key].get("tokens") or len(encode(text))  # the teacher's count
         verdict = task.judge(text, p.answer)
         why = reason(verdict, finish, tokens, d.max_response_tokens)
         samples.append({"key": request.key, "problem_id": p.id, "question": p.question, "gold": p.answer,

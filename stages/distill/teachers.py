@@ -37,6 +37,7 @@ class Request:
 class Completion:
     text: str
     finish_reason: str  # STOP or LENGTH
+    tokens: int | None = None  # generated tokens as the teacher counts them (decoded text can re-encode longer)
 
 
 Generate = Callable[[list[Request]], Iterator[tuple[Request, Completion]]]
@@ -75,7 +76,9 @@ class OpenAIClientTeacher:
             text = respond(reasoning, text)
         elif self.teacher.think_prefilled and END_THINK in text and THINK not in text:
             text = f"{THINK}\n{text}"
-        return Completion(text, LENGTH if choice.finish_reason == LENGTH else STOP)
+        usage = getattr(reply, "usage", None)
+        return Completion(text, LENGTH if choice.finish_reason == LENGTH else STOP,
+                          getattr(usage, "completion_tokens", None))
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         with ThreadPoolExecutor(self.teacher.concurrency) as pool:
@@ -108,8 +111,9 @@ class HFModelTeacher:
                                           pad_token_id=tok.pad_token_id, eos_token_id=eos)
             for request, row in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
                 finished = eos in row
-                text = tok.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True)
-                yield request, Completion(text, STOP if finished else LENGTH)
+                row = row[: row.index(eos)] if finished else row
+                yield request, Completion(tok.decode(row, skip_special_tokens=True), STOP if finished else LENGTH,
+                                          len(row))
 
 
 class Oracle:
@@ -150,6 +154,6 @@ class Oracle:
             text = self.respond(request.problem, random.Random(request.seed))
             ids = self.count_tokens(text)
             if len(ids) > self.max_tokens:  # as a server would: cut at the generation limit
-                yield request, Completion(self.decode(ids[: self.max_tokens]), LENGTH)
+                yield request, Completion(self.decode(ids[: self.max_tokens]), LENGTH, self.max_tokens)
             else:
-                yield request, Completion(text, STOP)
+                yield request, Completion(text, STOP, len(ids))
