@@ -45,5 +45,5 @@ class InputRelativeLr(Section):
 
     lr: float | None = Field(None, gt=0, description="Peak learning rate; unset: lr_scale x the input model's "
                              "pretraining peak learning rate (model.json `pretraining_peak_lr`).")
-    lr_scale: float = Field(0.0227, gt=0, description="Peak learning rate as a multiple of the input model's "
-                            "pretraining peak, used when lr is unset.")
+    lr_scale: float = Field(gt=0, description="Peak learning rate as a multiple of the input model's pretraining "
+                            "peak, used when lr is unset (no default here: each stage gives its own).")
